@@ -1,0 +1,112 @@
+"""The network of a trial: an smp U-Net whose encoder bottleneck also feeds a 3-class head.
+
+Inputs are 1-channel radiographs in [0, 1]. With pretrained encoder weights (from a local file;
+nothing is downloaded) the input is repeated to 3 channels and ImageNet-normalised inside the
+model, so saliency maps stay maps of the 1-channel image the user sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainable.config import TrialConfig
+from trainable.errors import GazetuneError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GrayToImageNet(nn.Module):
+    """[B, 1, H, W] in [0, 1] → [B, 3, H, W] normalised like the ImageNet pretraining data."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+
+class EncoderClassifier(nn.Module):
+    """The `classifier` loss set: the U-Net's encoder and head without a decoder (logits only)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.classification_head = head
+
+    def forward(self, x):
+        return self.classification_head(self.encoder(x)[-1])
+
+
+class WithInputTransform(nn.Module):
+    """Applies `transform` before `net`, keeping `net`'s output (logits or (mask, logits))."""
+
+    def __init__(self, transform: nn.Module, net: nn.Module):
+        super().__init__()
+        self.transform = transform
+        self.net = net
+
+    @property
+    def encoder(self):
+        return self.net.encoder
+
+    def forward(self, x):
+        return self.net(self.transform(x))
+
+
+def build_model(cfg: TrialConfig) -> nn.Module:
+    """The trial's model: `model(x)` → `(mask_logits, class_logits)`, or logits for `classifier`.
+
+    Shape:
+        x: [B, 1, H, W] with H, W multiples of 32; mask_logits [B, 1, H, W]; logits [B, 3].
+    """
+    import segmentation_models_pytorch as smp
+
+    pretrained = cfg.encoder_weights is not None
+    try:
+        unet = smp.Unet(
+            cfg.encoder,
+            encoder_weights=None,
+            in_channels=3 if pretrained else 1,
+            classes=1,
+            aux_params=dict(classes=3, pooling="avg", dropout=cfg.dropout, activation=None),
+        )
+    except (KeyError, ValueError) as err:
+        raise GazetuneError(f"config key 'encoder' = {cfg.encoder!r}: {err}") from None
+    if pretrained:
+        _load_encoder_weights(unet.encoder, Path(cfg.encoder_weights))
+    net = (
+        EncoderClassifier(unet.encoder, unet.classification_head)
+        if cfg.loss_set == "classifier"
+        else unet
+    )
+    return WithInputTransform(GrayToImageNet(), net) if pretrained else net
+
+
+def _load_encoder_weights(encoder: nn.Module, path: Path) -> None:
+    """Load a local encoder state dict (never unpickles arbitrary objects)."""
+    if not path.is_file():
+        raise GazetuneError(f"config key 'encoder_weights': no such file {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise GazetuneError(f"encoder weights {path}: cannot be read as a state dict ({err})") from None
+    state = state.get("state_dict", state)
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    # A classifier's fc layer is expected to be left over; missing encoder weights are not.
+    if missing:
+        raise GazetuneError(
+            f"encoder weights {path}: {len(missing)} encoder tensors missing, e.g. {missing[:3]}"
+        )
+
+
+def split_outputs(out) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(mask_logits or None, class_logits) from either model output form."""
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return None, out
