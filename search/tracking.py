@@ -1,0 +1,464 @@
+"""MLflow tracking of searches and trials: the only module that talks to MLflow.
+
+One experiment per study, one parent run per search, exactly one child run per trial (found
+again by its tag `ray.trial_id` after a retry or a resume), as DESIGN.md section 4 specifies.
+Every call goes through `MlflowClient` with explicit run ids: the driver, the parent and the
+trials' runs interleave, so MLflow's global "active run" would mix them up.
+
+A tracking server may be down for a while in the middle of a search. Every call from a trial
+goes through `_retry` (exponential backoff, at most `GAZETUNE_MLFLOW_RETRY_S` seconds of
+waiting, 300 by default), and a trial keeps the metrics it could not send and sends them with
+its next call, so an outage costs time but no metric. A server that does not come back within
+that budget fails the trial with a `TrackingError` naming the tracking URI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from trainable.errors import GazetuneError
+
+log = logging.getLogger(__name__)
+
+TRIAL_TAG = "ray.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+RETRY_ENV = "GAZETUNE_MLFLOW_RETRY_S"
+DEFAULT_RETRY_S = 300.0
+# MLflow's own HTTP retries (urllib3, up to minutes of backoff per call) would hide the outage
+# from our budget; with these defaults a call to a dead server fails within seconds and `_retry`
+# decides. A user's explicit setting wins.
+CLIENT_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+BATCH = 1000  # MLflow's limit of metrics in one log_batch request
+PARAMS_BATCH = 100  # ... and of params
+
+T = TypeVar("T")
+
+
+class TrackingError(GazetuneError):
+    """The tracking store refused a call or stayed unreachable for the whole retry budget."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Stores and experiments
+
+
+def resolve_tracking_uri(uri: str | None, workdir: Path) -> str:
+    """The tracking URI a search passes to its trials: always absolute.
+
+    Trials run in their own directories, so a relative SQLite path would create one database
+    per trial. `None` gives the embedded default `sqlite:///<workdir>/mlflow.db`.
+    """
+    workdir = Path(workdir).absolute()
+    if uri is None:
+        return f"sqlite:///{workdir / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        return f"sqlite:///{path if path.is_absolute() else workdir / path}"
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 refuses new file stores with a message that does not say what to use instead.
+        raise TrackingError(
+            f"tracking URI {uri!r}: use http(s)://HOST:PORT for a tracking server or "
+            f"sqlite:///PATH.db for a local store (MLflow no longer accepts file stores)"
+        )
+    return uri
+
+
+def ensure_experiment(name: str, tracking_uri: str) -> str:
+    """The id of the study's experiment, created on first use.
+
+    With a SQLite store the artifacts go to `mlartifacts/` beside the database (an absolute
+    file URI; MLflow's default `./mlruns` would follow each trial's working directory); a
+    tracking server keeps its own artifact location.
+    """
+    from mlflow.entities import LifecycleStage
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    found = _retry(lambda: client.get_experiment_by_name(name), "looking up the experiment",
+                   tracking_uri)
+    if found is not None:
+        if found.lifecycle_stage == LifecycleStage.DELETED:
+            _retry(lambda: client.restore_experiment(found.experiment_id),
+                   "restoring the experiment", tracking_uri)
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        location = (db.parent / "mlartifacts").as_uri()
+    try:
+        return _retry(lambda: client.create_experiment(name, artifact_location=location),
+                      "creating the experiment", tracking_uri)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        # Another process of the same study created it between our lookup and our create.
+        return client.get_experiment_by_name(name).experiment_id
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent run (one per search, driven from the Ray driver)
+
+
+def start_parent_run(experiment_id: str, settings: Mapping, tracking_uri: str,
+                     run_id: str | None = None) -> str:
+    """Create the search's parent run, or reopen `run_id` when the search resumes.
+
+    `settings` (the search's options, nested dicts allowed) become params with dotted keys;
+    on resume only settings not logged before are added, since MLflow refuses to change a param.
+    """
+    client = _client(tracking_uri)
+    tags = {"gazetune.role": "search"}
+    if "name" in settings:
+        tags["mlflow.runName"] = str(settings["name"])
+    if run_id is None:
+        run_id = _retry(lambda: client.create_run(experiment_id, tags=tags).info.run_id,
+                        "creating the search's parent run", tracking_uri)
+    else:
+        _retry(lambda: client.update_run(run_id, status="RUNNING"),
+               "reopening the search's parent run", tracking_uri)
+    _log_new_params(client, run_id, flatten(settings), tracking_uri)
+    return run_id
+
+
+def log_parent_result(parent_run_id: str, best: Mapping, tracking_uri: str) -> None:
+    """Record the best trial on the parent run and end the run FINISHED.
+
+    Args:
+        best: `run_id` (the best trial's child run), `config` (its trial config) and its
+            validation AUCs, either as `val` = {name: [auc, lo, hi]} (the report format) or as
+            `metrics` = {"val/auc/<name>[/lo|/hi]": value} (the epoch report format), and
+            optionally `trial_id` and `epoch`. Logged as tags `best_run_id` (`best_trial_id`,
+            `best_epoch`), params `best.<key>` and metrics `best/val/auc/...`.
+    """
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(tracking_uri)
+    now = _now_ms()
+    metrics = {f"best/{k}": float(v) for k, v in (best.get("metrics") or {}).items()
+               if k.startswith("val/auc/")}
+    for name, (auc, lo, hi) in (best.get("val") or {}).items():
+        metrics.update({f"best/val/auc/{name}": auc, f"best/val/auc/{name}/lo": lo,
+                        f"best/val/auc/{name}/hi": hi})
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    _retry(lambda: client.log_batch(parent_run_id, metrics=batch), "logging the best trial",
+           tracking_uri)
+    tags = [RunTag(f"best_{key}", str(best[key])) for key in ("run_id", "trial_id", "epoch")
+            if best.get(key) is not None]
+    _retry(lambda: client.log_batch(parent_run_id, tags=tags), "tagging the best trial",
+           tracking_uri)
+    # A resumed search can end with another best trial than a previous attempt recorded; params
+    # cannot change, so the full best config also goes to an artifact that can be replaced.
+    config = dict(best.get("config") or {})
+    _log_new_params(client, parent_run_id, flatten(config, prefix="best."), tracking_uri)
+    _retry(lambda: client.log_dict(parent_run_id, {"run_id": best.get("run_id"), **config},
+                                   "best_config.json"),
+           "logging the best config", tracking_uri)
+    _retry(lambda: client.set_terminated(parent_run_id, "FINISHED"),
+           "ending the search's parent run", tracking_uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Child runs (one per trial, driven from the trial's process)
+
+
+class TrialRun:
+    """The MLflow run of one trial: found again after a retry or resume, else created.
+
+    Args:
+        tracking_uri: an absolute URI (see `resolve_tracking_uri`).
+        experiment_id: the study's experiment.
+        parent_run_id: the search's parent run (None for `gazetune train`).
+        trial_id: the Ray trial id; the run carries it as tag `ray.trial_id`.
+        config: the trial's config, logged as params (once; a retry adds only new keys).
+        tags: more tags, set again on every (re)start (e.g. `ray.node_id`).
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str | None,
+                 trial_id: str, config: Mapping, tags: Mapping | None = None):
+        self.tracking_uri = tracking_uri
+        self.trial_id = trial_id
+        self.config = dict(config)
+        self._client = _client(tracking_uri)
+        self._pending: list = []  # metrics not yet accepted by the store, oldest first
+        tags = {k: str(v) for k, v in {**_ray_node_tags(), **(tags or {})}.items()}
+        found = self._retry(lambda: find_trial_run(self._client, experiment_id, trial_id),
+                            "looking up the trial's run")
+        if found is None:
+            run_tags = {TRIAL_TAG: trial_id, **tags}
+            if parent_run_id:
+                run_tags[PARENT_TAG] = parent_run_id
+            run_tags.setdefault("mlflow.runName", f"trial-{trial_id}")
+            self.run_id = self._retry(
+                lambda: self._client.create_run(experiment_id, tags=run_tags).info.run_id,
+                "creating the trial's run")
+        else:
+            # A retry or a resume: the same run goes on, its history continues.
+            self.run_id = found.info.run_id
+            self._retry(lambda: self._client.update_run(self.run_id, status="RUNNING"),
+                        "reopening the trial's run")
+            for key in ("pruned", "failure"):
+                if key in found.data.tags:
+                    self._retry(lambda: self._client.delete_tag(self.run_id, key),
+                                f"clearing tag {key}")
+            if tags:
+                self._set_tags(tags)
+        _log_new_params(self._client, self.run_id, flatten(self.config), tracking_uri,
+                        retry=self._retry)
+        self._retry(lambda: self._client.log_dict(self.run_id, _jsonable(self.config),
+                                                  "config.json"),
+                    "logging config.json")
+
+    def log_epoch(self, report) -> None:
+        """Log one `trainable.loop.EpochReport`: its metrics at step = epoch, and on a new best
+        epoch the best checkpoint (`checkpoint/`, replacing the previous one) and figures."""
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        # The timestamp is fixed here: a batch sent again after a lost reply is then identical.
+        self._pending += [Metric(k, float(v), now, report.epoch)
+                          for k, v in report.metrics.items()]
+        self._flush()
+        if report.is_best:
+            best = Path(report.checkpoint_dir) / "best"
+            if best.is_dir():
+                self._retry(lambda: self._client.log_artifacts(self.run_id, str(best),
+                                                               "checkpoint"),
+                            "uploading the best checkpoint")
+            for path in (report.figures or {}).values():
+                self._retry(lambda: self._client.log_artifact(self.run_id, str(path), "figures"),
+                            f"uploading figure {Path(path).name}")
+
+    def finish(self, status: str = "FINISHED", pruned: bool = False,
+               failure: str | None = None) -> None:
+        """End the run: FINISHED (tag `pruned`=`true` when stopped early) or, when `failure`
+        gives a reason, FAILED with that reason in tag `failure`."""
+        self._flush()
+        _terminate(self._client, self.run_id, status, pruned, failure, self._retry)
+
+    def _flush(self) -> None:
+        while self._pending:
+            chunk = self._pending[:BATCH]
+            self._retry(lambda: self._client.log_batch(self.run_id, metrics=chunk),
+                        f"logging {len(self._pending)} metric values")
+            del self._pending[:len(chunk)]  # only what the store accepted leaves the buffer
+
+    def _set_tags(self, tags: Mapping) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._retry(lambda: self._client.log_batch(self.run_id, tags=batch), "setting tags")
+
+    def _retry(self, call: Callable[[], T], what: str) -> T:
+        return _retry(call, what, self.tracking_uri)
+
+
+def finish_trial_run(tracking_uri: str, experiment_id: str, trial_id: str, status: str,
+                     pruned: bool = False, failure: str | None = None) -> str | None:
+    """`TrialRun.finish` from the driver (a Tune callback), by the run's `ray.trial_id`.
+
+    Returns the run id, or None when the trial never got as far as creating its run.
+    """
+    client = _client(tracking_uri)
+    found = _retry(lambda: find_trial_run(client, experiment_id, trial_id),
+                   "looking up the trial's run", tracking_uri)
+    if found is None:
+        return None
+
+    def retry(call, what):
+        return _retry(call, what, tracking_uri)
+
+    _terminate(client, found.info.run_id, status, pruned, failure, retry)
+    return found.info.run_id
+
+
+def find_trial_run(client, experiment_id: str, trial_id: str):
+    """The run tagged with this Ray trial id (the oldest, should there ever be two), or None."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'",
+        order_by=["attributes.start_time ASC"], max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def find_trial_runs(tracking_uri: str, experiment_name: str) -> list:
+    """The study's trial runs (`mlflow.entities.Run`, oldest first); [] for an unknown study."""
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`{TRIAL_TAG}` != ''",
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# `gazetune train`: one trial without Ray, logged like a search trial
+
+
+def train_logged(config: dict, experiment: str, tracking_uri: str | None) -> dict:
+    """Train one configuration with `trainable.train`, logged as one MLflow run.
+
+    The run is FINISHED when training ends, FAILED with the reason when it raises (the error
+    is raised again), KILLED on Ctrl-C. Returns the trainable's final metrics.
+    """
+    from trainable import train
+
+    uri = resolve_tracking_uri(tracking_uri, Path.cwd())
+    experiment_id = ensure_experiment(experiment, uri)
+    run = TrialRun(uri, experiment_id, None, f"train-{uuid.uuid4().hex[:8]}", config,
+                   tags={"gazetune.role": "train"})
+    print(f"MLflow run {run.run_id} in experiment {experiment!r} at {uri}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="gazetune-train-") as scratch:
+        # Without a checkpoint folder of its own the trial writes to a temporary one that MLflow
+        # receives the best checkpoint from; the params keep the config as the user gave it.
+        run_config = {"checkpoint_dir": scratch, **config}
+        try:
+            result = train(run_config, report=run.log_epoch)
+        except KeyboardInterrupt:
+            run.finish("KILLED")
+            raise
+        except Exception as err:
+            run.finish(failure=f"{type(err).__name__}: {err}")
+            raise
+    run.finish()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _retry(call: Callable[[], T], what: str, tracking_uri: str) -> T:
+    """Run one MLflow call, retrying transient failures with exponential backoff.
+
+    Waits at most `GAZETUNE_MLFLOW_RETRY_S` seconds in all (read at each call, so a test or a
+    user can shorten it); then raises `TrackingError` naming the tracking URI. Errors the store
+    answered deliberately (a bad request, a missing run) are raised at once.
+    """
+    # A dozen lines rather than a retry library: the project pins no such library, and the
+    # rule for what counts as transient is MLflow-specific anyway.
+    budget = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+    deadline = time.monotonic() + budget
+    delay, warned = 0.5, False
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if not _transient(err):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TrackingError(
+                    f"MLflow tracking store {tracking_uri} unreachable for {budget:.0f} s "
+                    f"({RETRY_ENV}) while {what}: {_first_line(err)}"
+                ) from err
+            if not warned:
+                log.warning("MLflow tracking store %s failed while %s (%s); retrying for up "
+                            "to %.0f s", tracking_uri, what, _first_line(err), budget)
+                warned = True
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 30.0)
+
+
+def _transient(err: Exception) -> bool:
+    """A server that is down, overloaded or restarting (worth retrying), as opposed to an
+    answer such as "invalid parameter" or "run not found"."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(err, MlflowException):
+        # Connection failures reach us as INTERNAL_ERROR (500); 429 is a server asking us to
+        # slow down.
+        status = err.get_http_status_code()
+        return status >= 500 or status == 429
+    # OperationalError: a SQLite store that is locked by another writer or on a lost mount.
+    return isinstance(err, (OSError, OperationalError)) or type(err).__module__.startswith(
+        ("requests", "urllib3"))
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    for key, value in CLIENT_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+    return MlflowClient(tracking_uri)
+
+
+def _log_new_params(client, run_id: str, params: Mapping[str, str], tracking_uri: str,
+                    retry=None) -> None:
+    """Log the params the run does not have yet: MLflow refuses to change a logged value."""
+    from mlflow.entities import Param
+
+    retry = retry or (lambda call, what: _retry(call, what, tracking_uri))
+    logged = retry(lambda: client.get_run(run_id).data.params, "reading the run's params")
+    changed = {k: (logged[k], v) for k, v in params.items() if k in logged and logged[k] != v}
+    if changed:
+        log.warning("run %s keeps its first values of params %s", run_id, sorted(changed))
+    new = [Param(k, v) for k, v in params.items() if k not in logged]
+    for i in range(0, len(new), PARAMS_BATCH):
+        chunk = new[i:i + PARAMS_BATCH]
+        retry(lambda: client.log_batch(run_id, params=chunk), "logging params")
+
+
+def _terminate(client, run_id: str, status: str, pruned: bool, failure: str | None,
+               retry) -> None:
+    tags = {}
+    if pruned:
+        tags["pruned"] = "true"
+    if failure is not None:
+        status = "FAILED"
+        tags["failure"] = failure[:5000]  # MLflow caps tag values; the head says what failed
+    for key, value in tags.items():
+        retry(lambda: client.set_tag(run_id, key, value), f"setting tag {key}")
+    retry(lambda: client.set_terminated(run_id, status), f"ending the run {status}")
+
+
+def flatten(settings: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested settings as MLflow params: dotted keys, string values.
+
+    >>> flatten({"a": 1, "b": {"c": None}})
+    {'a': '1', 'b.c': 'None'}
+    """
+    out: dict[str, str] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def _jsonable(config: Mapping) -> dict:
+    return json.loads(json.dumps(dict(config), default=str))
+
+
+def _ray_node_tags() -> dict[str, str]:
+    """`ray.node_id` of the node running this trial, when inside a Ray worker."""
+    ray = sys.modules.get("ray")  # never import Ray here: `gazetune train` runs without it
+    if ray is None or not ray.is_initialized():
+        return {}
+    return {"ray.node_id": ray.get_runtime_context().get_node_id()}
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
