@@ -36,6 +36,7 @@ def _prepare(args) -> int:
         subset=args.subset,
         on_error=args.on_error,
         workers=args.workers,
+        sigma=args.sigma,
     )
     return 1 if (summary.skipped and args.on_error == "fail") else 0
 
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=Path("cache"))
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0: all cores)")
+    p.add_argument("--sigma", type=float, default=150.0,
+                   help="gaze blur in original pixels (the reference: 150 for ~3000 px images; "
+                        "use about 20 for the default synthetic images of a few hundred px)")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="train one configuration (no Ray), logged to MLflow")

@@ -55,5 +55,5 @@ def small_cache(small_dataset, tmp_path_factory) -> Path:
 
     cache = tmp_path_factory.mktemp("cache")
     prepare(egd_root=small_dataset / "egd-cxr", mimic_root=small_dataset / "mimic-cxr",
-            cache=cache, size=64, workers=1)
+            cache=cache, size=64, workers=1, sigma=20.0)
     return cache

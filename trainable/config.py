@@ -50,7 +50,7 @@ class TrialConfig:
     augment: bool = True
     seed: int = 0
     # evaluation
-    n_boot: int = 2000
+    n_boot: int = 0  # bootstrap resamples; 0: the protocol's default (2,000; paper: 30)
     boot_protocol: str = "stratified"  # stratified | paper (30 resamples of ~55% of the images)
     figures: int = 3  # images per class drawn each time the best epoch improves; 0 disables
     # runtime

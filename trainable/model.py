@@ -80,6 +80,14 @@ def build_model(cfg: TrialConfig) -> nn.Module:
         raise GazetuneError(f"config key 'encoder' = {cfg.encoder!r}: {err}") from None
     if pretrained:
         _load_encoder_weights(unet.encoder, Path(cfg.encoder_weights))
+    # EfficientNet's BatchNorm momentum is 0.01 (TensorFlow's 0.99 decay): after the few hundred
+    # steps of a short trial the running statistics are still mostly their initial values, and
+    # eval-mode features collapse to a constant (measured: identical predictions for every
+    # validation image after 2 epochs). PyTorch's default 0.1 tracks them within tens of steps;
+    # `calibrate_batchnorm` replaces the initial values before training.
+    for module in unet.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.1
     net = (
         EncoderClassifier(unet.encoder, unet.classification_head)
         if cfg.loss_set == "classifier"
@@ -103,6 +111,29 @@ def _load_encoder_weights(encoder: nn.Module, path: Path) -> None:
         raise GazetuneError(
             f"encoder weights {path}: {len(missing)} encoder tensors missing, e.g. {missing[:3]}"
         )
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, batches) -> None:
+    """Set BatchNorm running statistics to the averages over `batches` (train-mode forwards).
+
+    A new network's running variance is 1 while its real activations are far smaller; without
+    this the first epochs' eval-mode outputs are nearly constant across images.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    model.train()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
 
 
 def split_outputs(out) -> tuple[torch.Tensor | None, torch.Tensor]:

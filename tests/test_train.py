@@ -1,0 +1,111 @@
+"""`trainable.train` end to end on a small synthetic cache (64 px), plus its building blocks."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainable import train
+from trainable.checkpoint import load_best, load_torch
+from trainable.config import ConfigError, TrialConfig
+from trainable.errors import DivergedError
+from trainable.loop import CyclicFactor, EpochReport, parse_overrides
+
+CONTRACT_KEYS = ["train/loss"] + [
+    f"val/auc/{name}{suffix}"
+    for name in ("mean", "Normal", "CHF", "pneumonia")
+    for suffix in ("", "/lo", "/hi")
+]
+
+
+def quick(cache, tmp_path, **over):
+    cfg = dict(cache=str(cache), epochs=2, batch_size=8, n_boot=200, figures=1, threads=2,
+               checkpoint_dir=str(tmp_path / "ck"), lr=1e-3)
+    cfg.update(over)
+    return cfg
+
+
+@pytest.mark.parametrize("loss_set", ["classifier", "baseline", "set1", "set2", "set3", "rrr"])
+def test_train_every_loss_set(small_cache, tmp_path, loss_set):
+    """Two epochs for set3 (every kind of term at once), one for the others to keep CI short."""
+    epochs = 2 if loss_set == "set3" else 1
+    reports: list[EpochReport] = []
+    final = train(quick(small_cache, tmp_path, loss_set=loss_set, generator="guided_backprop",
+                        epochs=epochs), report=reports.append)
+    assert [r.epoch for r in reports] == list(range(1, epochs + 1))
+    for rep in reports:
+        for key in CONTRACT_KEYS:
+            assert math.isfinite(rep.metrics[key]), key
+            assert 0.0 <= rep.metrics[key] <= 1.0 or key == "train/loss"
+        assert rep.metrics["val/auc/mean/lo"] <= rep.metrics["val/auc/mean"] <= \
+            rep.metrics["val/auc/mean/hi"]
+    terms = {k for k in reports[0].metrics if k.startswith("train/") and k != "train/seconds"}
+    expected = {"classifier": {"cls"}, "baseline": {"cls", "mask_gaze"}, "set1": {"cls", "map_gaze"},
+                "set2": {"cls", "mask_map"}, "set3": {"cls", "mask_gaze", "map_gaze"},
+                "rrr": {"cls", "rrr"}}[loss_set]
+    assert {f"train/{t}" for t in expected} | {"train/loss"} <= terms
+    assert reports[0].is_best  # the first epoch is always the best so far
+    assert reports[0].figures and all(p.is_file() for p in reports[0].figures.values())
+    state, config, metrics = load_best(final["checkpoint_dir"])
+    assert config["loss_set"] == loss_set and metrics["epoch"] == final["best_epoch"]
+    assert final["best/val/auc/mean"] == max(r.metrics["val/auc/mean"] for r in reports)
+
+
+def test_resume_continues_where_it_stopped(small_cache, tmp_path):
+    """Interrupted after two of four epochs and resumed: the same numbers as four in one go."""
+    straight = []
+    train(quick(small_cache, tmp_path / "a", epochs=4, figures=0), report=straight.append)
+
+    first = []
+
+    def interrupt_after_two(rep):
+        first.append(rep)
+        if rep.epoch == 2:
+            raise KeyboardInterrupt  # like Ctrl-C, after the epoch's checkpoint was written
+
+    with pytest.raises(KeyboardInterrupt):
+        train(quick(small_cache, tmp_path / "b", epochs=4, figures=0), report=interrupt_after_two)
+    resumed = []
+    train(quick(small_cache, tmp_path / "c", epochs=4, figures=0), report=resumed.append,
+          resume_from=first[-1].checkpoint_dir)
+    assert [r.epoch for r in resumed] == [3, 4]
+    for a, b in zip(straight[2:], resumed):
+        assert a.metrics["train/loss"] == pytest.approx(b.metrics["train/loss"], rel=1e-5)
+        assert a.metrics["val/auc/mean"] == pytest.approx(b.metrics["val/auc/mean"], abs=1e-6)
+
+
+def test_diverging_training_stops_with_a_reason(small_cache, tmp_path):
+    with pytest.raises(DivergedError, match=r"epoch 1, step \d+: loss term"):
+        train(quick(small_cache, tmp_path, loss_set="classifier", lr=1e30, grad_clip=0.0,
+                    epochs=3, figures=0))
+
+
+def test_checkpoint_loads_without_unpickling(small_cache, tmp_path):
+    final = train(quick(small_cache, tmp_path, loss_set="classifier", epochs=1, figures=0))
+    state = load_torch(f"{final['checkpoint_dir']}/state.pt")  # weights_only=True inside
+    assert state["epoch"] == 1 and isinstance(state["rng"]["loop"], torch.Tensor)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="lerning_rate"):
+        TrialConfig.from_dict({"lerning_rate": 0.1})
+    with pytest.raises(ConfigError, match="'epochs'"):
+        TrialConfig.from_dict({"epochs": "three"})
+    with pytest.raises(ConfigError, match="'loss_set'"):
+        TrialConfig.from_dict({"loss_set": "set4"})
+    with pytest.raises(ConfigError, match="'lr': expected float"):
+        TrialConfig.from_dict({"lr": [0.1]})
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["lr0.1"])
+    assert TrialConfig.from_dict(parse_overrides(["lr=0.01", "augment=false",
+                                                  "encoder_weights=none"])).lr == 0.01
+
+
+def test_cyclic_schedule_matches_the_dataset_authors():
+    """Effective rates of their published U-Net run (lr 0.0090552, step 2), egd-cxr-format §3.5."""
+    lr = 0.0090552
+    f = CyclicFactor(2, lr)
+    effective = [lr * f(e) for e in range(7)]
+    np.testing.assert_allclose(effective, [8.2e-5, 4.6e-3, 9.1e-3, 4.6e-3, 8.2e-5, 2.3e-3, 4.6e-3],
+                               rtol=0.03)

@@ -1,0 +1,360 @@
+"""The training loop of one trial: `train(config)` in plain Python.
+
+Metrics leave through one hook, `report(EpochReport)`, called after every epoch; the search
+service turns it into MLflow logging and `tune.report`, and without a hook the metrics are
+printed. Model selection uses the validation split only; the test split is never touched here.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainable import checkpoint
+from trainable.augment import random_affine
+from trainable.config import CLASS_NAMES, USES_GENERATOR, ConfigError, TrialConfig
+from trainable.errors import DivergedError
+from trainable.model import build_model, calibrate_batchnorm, split_outputs
+
+METRIC = "val/auc/mean"  # what model selection (here) and the search (ASHA, Optuna) maximise
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int  # epochs finished, 1-based (== Ray's training_iteration)
+    metrics: dict[str, float]
+    checkpoint_dir: Path  # state.pt + best/: pass back as `resume_from` to continue
+    is_best: bool  # this epoch improved val/auc/mean
+    figures: dict[str, Path] = field(default_factory=dict)  # PNGs drawn this epoch
+
+
+def train(
+    config: dict | TrialConfig,
+    report: Callable[[EpochReport], None] | None = None,
+    resume_from: str | Path | None = None,
+) -> dict:
+    """Train one configuration; returns the last epoch's metrics plus the best epoch's."""
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    device = _device(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
+
+    from trainable.data import load_cache
+
+    data = DeviceData(load_cache(cfg.cache), device)
+    model = build_model(cfg).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(cfg, model)
+    scheduler = _scheduler(cfg, optimizer)
+
+    ckdir = Path(cfg.checkpoint_dir or tempfile.mkdtemp(prefix="gazetune-trial-")).absolute()
+    start, best_auc, best_epoch = 0, -math.inf, 0
+    if resume_from is not None:
+        start, best_auc, best_epoch = _resume(Path(resume_from), ckdir, model, optimizer,
+                                              scheduler, gen)
+    else:
+        train_idx = torch.as_tensor(data.indices("train"), device=device)
+        calibrate_batchnorm(model, (data.images[train_idx[i : i + cfg.batch_size]]
+                                    for i in range(0, min(len(train_idx), 4 * cfg.batch_size),
+                                                   cfg.batch_size)))
+
+    report = report or _print_report
+    metrics: dict[str, float] = {}
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        metrics = train_one_epoch(model, data, optimizer, cfg, gen, epoch)
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        t1 = time.perf_counter()
+        val, _ = evaluate(model, data, data.indices("val"), cfg, prefix="val")
+        metrics.update(val)
+        metrics["train/seconds"] = t1 - t0
+        metrics["val/seconds"] = time.perf_counter() - t1
+        # The first epoch is always a checkpoint, even when the validation split is too small
+        # to hold every class (AUC undefined: NaN).
+        is_best = best_epoch == 0 or metrics[METRIC] > best_auc
+        figures = {}
+        if is_best:
+            best_auc, best_epoch = metrics[METRIC], epoch + 1
+            checkpoint.save_best(ckdir, _cpu_state(model), cfg.to_dict(),
+                                 {**metrics, "epoch": epoch + 1})
+            if cfg.figures:
+                figures = draw_figures(model, data, cfg, ckdir / "figures")
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        checkpoint.save_torch(
+            {
+                "model": _cpu_state(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "best_auc": best_auc,
+                "best_epoch": best_epoch,
+                "rng": {"torch": torch.get_rng_state(), "loop": gen.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            },
+            ckdir / "state.pt",
+        )
+        report(EpochReport(epoch + 1, dict(metrics), ckdir, is_best, figures))
+    return {**metrics, f"best/{METRIC}": best_auc, "best_epoch": best_epoch,
+            "checkpoint_dir": str(ckdir)}
+
+
+class DeviceData:
+    """The whole cache as tensors on the training device (it is ~100 MB at 224 px)."""
+
+    def __init__(self, cache, device: torch.device):
+        def to(array):
+            return torch.from_numpy(np.asarray(array, dtype=np.float32)).to(device)
+
+        self.images = to(cache.images).unsqueeze(1)  # [N, 1, S, S]
+        self.heatmaps = to(cache.heatmaps).unsqueeze(1)  # [N, 1, S, S]
+        self.labels = to(cache.labels)  # [N, 3] one-hot
+        self.fixations = np.asarray(cache.fixations)  # [N, S, S] counts, for NSS on the host
+        self.split = np.asarray(cache.split)
+        self.cache = cache
+
+    def indices(self, name: str) -> np.ndarray:
+        return np.asarray(self.cache.indices(name))
+
+
+def compute_terms(model, x, y, gaze, cfg: TrialConfig) -> dict[str, torch.Tensor]:
+    """The named loss terms of one batch (train-mode forward first, then any saliency map)."""
+    from trainable.generators import saliency
+    from trainable.losses import loss_terms
+
+    mask, logits = split_outputs(model(x))
+    target = y.argmax(1)
+    gen_map = input_grad = None
+    # The map passes run after the train-mode forward: they read the BatchNorm running
+    # statistics that forward has just updated, and nothing mutates them afterwards.
+    if cfg.loss_set in USES_GENERATOR:
+        gen_map = saliency(model, x, target, cfg.generator,
+                           create_graph=cfg.loss_set in ("set1", "set3"))
+    elif cfg.loss_set == "rrr":
+        input_grad = saliency(model, x, target, "gradient", create_graph=True)
+    return loss_terms(cfg.loss_set, logits=logits, labels=y, mask_logits=mask, gen_map=gen_map,
+                      gaze=gaze, input_grad=input_grad, r=cfg.r, weight=cfg.loss_weight,
+                      rrr_lambda=cfg.rrr_lambda)
+
+
+def train_one_epoch(model, data: DeviceData, optimizer, cfg: TrialConfig, gen, epoch: int) -> dict:
+    model.train()
+    idx = torch.from_numpy(data.indices("train"))
+    order = idx[torch.randperm(len(idx), generator=gen)].to(data.images.device)
+    sums: dict[str, float] = defaultdict(float)
+    seen = 0
+    for step, start in enumerate(range(0, len(order), cfg.batch_size)):
+        b = order[start : start + cfg.batch_size]
+        if len(b) < 2:  # a 1-image batch breaks train-mode BatchNorm
+            continue
+        x, gaze, y = data.images[b], data.heatmaps[b], data.labels[b]
+        if cfg.augment:
+            x, gaze = random_affine(x, gaze, gen)
+        if x.is_cuda and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(cfg, x.device):
+            terms = compute_terms(model, x, y, gaze, cfg)
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise DivergedError(
+                f"training diverged at epoch {epoch + 1}, step {step + 1}: loss term(s) "
+                f"{', '.join(f'{k}={values[k]}' for k in bad)} (lr={cfg.lr:g})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        for k, v in values.items():
+            sums[k] += v * len(b)
+        seen += len(b)
+    return {("train/loss" if k == "total" else f"train/{k}"): v / max(seen, 1)
+            for k, v in sums.items()}
+
+
+def predict(model, data: DeviceData, idx: np.ndarray, cfg: TrialConfig):
+    """(class probabilities [n, 3], mask probabilities [n, S, S] or None), eval mode."""
+    model.eval()
+    probs, masks = [], []
+    with torch.no_grad(), _autocast(cfg, data.images.device):
+        for start in range(0, len(idx), cfg.batch_size):
+            b = torch.as_tensor(idx[start : start + cfg.batch_size], device=data.images.device)
+            mask, logits = split_outputs(model(data.images[b]))
+            probs.append(torch.sigmoid(logits.float()).cpu())
+            if mask is not None:
+                masks.append(torch.sigmoid(mask.float())[:, 0].cpu())
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, 3), np.float32)
+    return p, (torch.cat(masks).numpy() if masks else None)
+
+
+def explain(model, data: DeviceData, idx: np.ndarray, cfg: TrialConfig, method: str | None = None,
+            target: np.ndarray | None = None) -> np.ndarray:
+    """|saliency| summed over channels [n, S, S] for the true class (or `target`)."""
+    from trainable.generators import saliency
+
+    was_training = model.training
+    model.eval()
+    maps = []
+    try:
+        for start in range(0, len(idx), cfg.batch_size):
+            sel = idx[start : start + cfg.batch_size]
+            b = torch.as_tensor(sel, device=data.images.device)
+            t = (data.labels[b].argmax(1) if target is None
+                 else torch.as_tensor(target[start : start + cfg.batch_size], device=b.device))
+            with _autocast(cfg, b.device):
+                s = saliency(model, data.images[b], t, method or cfg.generator)
+            maps.append(s.detach().float().abs().sum(1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(maps).numpy() if maps else np.zeros((0,) + data.images.shape[2:], np.float32)
+
+
+def evaluate(model, data: DeviceData, idx: np.ndarray, cfg: TrialConfig, prefix: str):
+    """Bootstrap AUCs and map agreement on `idx`; returns (metrics, predictions)."""
+    from trainable.metrics import bootstrap_auc, map_agreement
+
+    probs, masks = predict(model, data, idx, cfg)
+    y = data.cache.labels[idx]
+    metrics = {}
+    for name, (auc, lo, hi) in bootstrap_auc(y, probs, CLASS_NAMES, n_boot=cfg.n_boot or None,
+                                             seed=cfg.seed, protocol=cfg.boot_protocol).items():
+        metrics.update({f"{prefix}/auc/{name}": auc, f"{prefix}/auc/{name}/lo": lo,
+                        f"{prefix}/auc/{name}/hi": hi})
+    gaze = data.cache.heatmaps[idx].astype(np.float32)
+    fix = data.fixations[idx]
+    maps = explain(model, data, idx, cfg)
+    for kind, pred in (("map", maps), ("mask", masks)):
+        if pred is not None:
+            for k, v in map_agreement(pred, gaze, fix).items():
+                metrics[f"{prefix}/{kind}/{k}"] = float(v)
+    return metrics, {"probs": probs, "maps": maps, "masks": masks, "labels": y}
+
+
+def draw_figures(model, data: DeviceData, cfg: TrialConfig, folder: Path) -> dict[str, Path]:
+    """Panels input | generator map | gaze | mask for correctly classified validation images."""
+    from trainable.figures import heatmap_panels, save_figure
+
+    idx = data.indices("val")
+    if len(idx) == 0:
+        return {}
+    probs, _ = predict(model, data, idx, cfg)
+    y = data.cache.labels[idx].argmax(1)
+    chosen = []
+    for c in range(len(CLASS_NAMES)):
+        of_class = np.flatnonzero(y == c)
+        right = of_class[probs[of_class].argmax(1) == c]
+        chosen.extend((right if len(right) else of_class)[: cfg.figures].tolist())
+    sel = idx[chosen]
+    _, masks = predict(model, data, sel, cfg)
+    titles = [f"{CLASS_NAMES[y[i]]} (p={probs[i, y[i]]:.2f})" for i in chosen]
+    fig = heatmap_panels(data.cache.images[sel].astype(np.float32), explain(model, data, sel, cfg),
+                         data.cache.heatmaps[sel].astype(np.float32), masks, titles=titles)
+    path = folder / f"val_{cfg.generator}.png"
+    save_figure(fig, path)
+    return {path.name: path}
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """KEY=VALUE strings from the command line → a config dict (values typed by TrialConfig)."""
+    config = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        config[key.strip()] = value
+    TrialConfig.from_dict(config)  # fail now, naming the key, rather than inside a worker
+    return config
+
+
+def _device(cfg: TrialConfig) -> torch.device:
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config key 'device' = {cfg.device!r}: CUDA is not available")
+        if cfg.gpu_memory_fraction:
+            # Ray's fractional GPUs only schedule; the cap keeps packed trials from starving
+            # each other of memory.
+            torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, device)
+    return device
+
+
+def _autocast(cfg: TrialConfig, device: torch.device):
+    if device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _optimizer(cfg: TrialConfig, model) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(cfg: TrialConfig, optimizer):
+    """Per-epoch learning-rate schedule."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.schedule == "cyclic":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, CyclicFactor(cfg.cyclic_step, cfg.lr))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+class CyclicFactor:
+    """The dataset authors' `cyclical_lr(step_sz, min_lr=lr, max_lr=1, mode='triangular2')`.
+
+    LambdaLR multiplies the base rate by this factor, so the effective rate oscillates between
+    lr² and lr with peaks halving every cycle (egd-cxr-format.md §3.5), stepped per epoch.
+    """
+
+    def __init__(self, step: int, lr: float):
+        self.step, self.min = step, lr
+
+    def __call__(self, it: int) -> float:
+        cycle = math.floor(1 + it / (2 * self.step))
+        x = abs(it / self.step - 2 * cycle + 1)
+        return self.min + (1 - self.min) * max(0.0, 1 - x) / 2 ** (cycle - 1)
+
+
+def _resume(src: Path, ckdir: Path, model, optimizer, scheduler, gen) -> tuple[int, float, int]:
+    if src.absolute() != ckdir:
+        shutil.copytree(src, ckdir, dirs_exist_ok=True)
+    state = checkpoint.load_torch(ckdir / "state.pt")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    gen.set_state(state["rng"]["loop"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["epoch"], state["best_auc"], state["best_epoch"]
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _print_report(rep: EpochReport) -> None:
+    m = rep.metrics
+    print(
+        f"epoch {rep.epoch}: train/loss {m.get('train/loss', float('nan')):.4f}  "
+        f"val/auc/mean {m[METRIC]:.3f} [{m[METRIC + '/lo']:.3f}, {m[METRIC + '/hi']:.3f}]  "
+        + "  ".join(f"{c} {m[f'val/auc/{c}']:.3f}" for c in CLASS_NAMES)
+        + f"  ({m['epoch_seconds']:.1f} s){'  *best' if rep.is_best else ''}",
+        flush=True,
+    )
