@@ -1,0 +1,186 @@
+"""Loss sets: orderings and invariances on hand-made maps, and where each term sends gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from test_generators import smp_unet
+from trainable.generators import saliency
+from trainable.losses import LOSS_SETS, classification, loss_terms, map_alignment, rrr_penalty
+
+SIZE = 32
+
+
+def blob(cx: float, cy: float, sigma: float = 0.15, batch: int = 2) -> torch.Tensor:
+    """A Gaussian blob centred at (cx, cy) in [-1, 1]^2, [B, 1, SIZE, SIZE]."""
+    axis = torch.linspace(-1, 1, SIZE)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    g = torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2))
+    return g.expand(batch, 1, SIZE, SIZE).clone()
+
+
+GAZE = blob(0.3, -0.2)
+
+
+def test_classification_is_bce_on_one_hot_labels():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    labels = torch.eye(3)[[0, 1]]
+    expected = -(labels * F.logsigmoid(logits) + (1 - labels) * F.logsigmoid(-logits)).mean()
+    torch.testing.assert_close(classification(logits, labels), expected)
+
+
+def test_aligned_map_scores_better_than_misaligned():
+    aligned = map_alignment(blob(0.25, -0.2), GAZE)
+    near = map_alignment(blob(0.0, 0.0), GAZE)
+    far = map_alignment(blob(-0.7, 0.7), GAZE)
+    assert aligned < near < far
+
+
+def test_zero_when_the_map_equals_the_target():
+    assert map_alignment(GAZE, GAZE) < 1e-5
+    assert map_alignment(-3 * GAZE, GAZE) < 1e-5  # a signed map counts by magnitude
+
+
+@pytest.mark.parametrize("scale", [1e-16, 1e-3, 1.0, 1e3, 1e6])
+def test_scale_invariant_also_for_tiny_maps(scale):
+    pred = blob(0.0, 0.0) + 0.3 * blob(0.3, -0.2)
+    torch.testing.assert_close(map_alignment(scale * pred, GAZE), map_alignment(pred, GAZE),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_shift_invariant_for_a_probability_mask():
+    mask = torch.sigmoid(torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(map_alignment(0.5 * mask + 0.25, GAZE), map_alignment(mask, GAZE),
+                               rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-12, 6),
+       channels=st.sampled_from([1, 3]))
+def test_bounded_and_finite_for_any_map(seed, log_scale, channels):
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(2, channels, 8, 8, generator=g) * 10.0**log_scale
+    target = torch.rand(2, 1, 8, 8, generator=g)
+    loss = map_alignment(pred, target)
+    assert torch.isfinite(loss) and 0 <= loss <= 2
+
+
+def test_anticorrelated_maps_approach_two():
+    assert map_alignment(1 - GAZE, GAZE) > 1.95
+
+
+def test_constant_and_zero_maps_give_one_with_finite_gradients():
+    for value in (0.0, 0.7):
+        pred = torch.full((2, 1, SIZE, SIZE), value, requires_grad=True)
+        loss = map_alignment(pred, GAZE)
+        (grad,) = torch.autograd.grad(loss, pred)
+        assert loss.item() == pytest.approx(1.0)
+        assert torch.isfinite(grad).all()
+
+
+def test_finite_and_close_to_fp32_under_bf16():
+    pred = blob(0.1, -0.1) + 0.2 * blob(-0.5, 0.5)
+    reference = map_alignment(pred, GAZE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = map_alignment(pred.bfloat16(), GAZE.bfloat16())
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    assert abs(low.item() - reference.item()) < 0.01
+
+
+def test_gradient_is_spread_over_the_map_not_on_its_extremes():
+    """Min-max + BCE put half its gradient on two pixels; CC must not."""
+    pred = (blob(0.0, 0.0) + 0.1 * torch.rand(2, 1, SIZE, SIZE)).requires_grad_()
+    (grad,) = torch.autograd.grad(map_alignment(pred, GAZE), pred)
+    share_of_top_two = grad.abs().flatten(1).topk(2).values.sum(1) / grad.abs().flatten(1).sum(1)
+    assert (share_of_top_two < 0.05).all(), share_of_top_two
+
+
+def test_map_alignment_names_the_shapes_that_differ():
+    with pytest.raises(ValueError, match=r"\(2, 1, 16, 16\)"):
+        map_alignment(torch.rand(2, 1, 16, 16), GAZE)
+
+
+def test_rrr_penalty_is_the_fraction_of_gradient_energy_outside_the_gaze():
+    inside = blob(0.3, -0.2, sigma=0.05)  # where gaze is far above 0.1 of its maximum
+    outside = blob(-0.7, 0.7, sigma=0.05)
+    assert rrr_penalty(inside, GAZE) < 1e-3
+    assert rrr_penalty(outside, GAZE) > 0.999
+    half = rrr_penalty(inside + outside, GAZE)
+    assert 0.45 < half < 0.55
+    for scale in (1e-20, 1e4):  # scale-invariant, and tiny gradients do not underflow
+        torch.testing.assert_close(rrr_penalty(scale * (inside + outside), GAZE), half)
+    assert rrr_penalty(outside, torch.zeros_like(GAZE)) == 0  # no gaze: nothing to leave
+
+
+def test_loss_sets_have_the_named_terms_and_totals():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(2, 3, generator=g), torch.eye(3)[[0, 2]]
+    inputs = dict(mask_logits=torch.randn(2, 1, SIZE, SIZE, generator=g),
+                  gen_map=torch.randn(2, 1, SIZE, SIZE, generator=g), gaze=GAZE,
+                  input_grad=torch.randn(2, 1, SIZE, SIZE, generator=g))
+    weight, r, lam = 0.7, 0.3, 5.0
+    expected_totals = {
+        "classifier": lambda t: t["cls"],
+        "baseline": lambda t: t["cls"] + weight * t["mask_gaze"],
+        "set1": lambda t: t["cls"] + weight * t["map_gaze"],
+        "set2": lambda t: t["cls"] + weight * t["mask_map"],
+        "set3": lambda t: t["cls"] + weight * (r * t["mask_gaze"] + (1 - r) * t["map_gaze"]),
+        "rrr": lambda t: t["cls"] + lam * t["rrr"],
+    }
+    assert set(expected_totals) == set(LOSS_SETS)
+    for loss_set, total in expected_totals.items():
+        terms = loss_terms(loss_set, logits=logits, labels=labels, r=r, weight=weight,
+                           rrr_lambda=lam, **inputs)
+        assert set(terms) == {"cls", "total", *LOSS_SETS[loss_set]}
+        torch.testing.assert_close(terms["total"], total(terms))
+    mask = torch.sigmoid(inputs["mask_logits"])
+    terms = loss_terms("set3", logits=logits, labels=labels, **inputs)
+    torch.testing.assert_close(terms["mask_gaze"], map_alignment(mask, GAZE))
+    torch.testing.assert_close(terms["map_gaze"], map_alignment(inputs["gen_map"], GAZE))
+
+
+def test_loss_terms_name_what_is_missing_or_unknown():
+    logits, labels = torch.zeros(2, 3), torch.eye(3)[[0, 1]]
+    with pytest.raises(ValueError, match="'set1' needs gen_map="):
+        loss_terms("set1", logits=logits, labels=labels, gaze=GAZE)
+    with pytest.raises(KeyError, match="classifier, baseline, set1, set2, set3, rrr"):
+        loss_terms("set4", logits=logits, labels=labels)
+
+
+def _encoder_grads(model, loss):
+    params = list(model.encoder.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [g for g in grads if g is not None and g.abs().max() > 0]
+
+
+@pytest.mark.parametrize("generator", ["guided_backprop", "deconvnet"])
+def test_set1_term_trains_the_encoder_and_a_detached_map_would_not(generator):
+    model = smp_unet()
+    x = torch.rand(2, 1, SIZE, SIZE)
+    labels = torch.eye(3)[[0, 2]]
+    _, logits = model(x)
+    for create_graph, moves in ((True, True), (False, False)):
+        gen_map = saliency(model, x, labels.argmax(1), generator, create_graph=create_graph)
+        term = loss_terms("set1", logits=logits, labels=labels, gen_map=gen_map,
+                          gaze=GAZE)["map_gaze"]
+        if moves:
+            moved = _encoder_grads(model, term)
+            n_encoder = len(list(model.encoder.parameters()))
+            assert len(moved) > n_encoder // 2, (len(moved), n_encoder)
+        else:
+            assert not term.requires_grad  # a constant map: nothing to train
+
+
+def test_set2_sends_no_gradient_through_the_generator_map():
+    model = smp_unet()
+    x = torch.rand(2, 1, SIZE, SIZE)
+    labels = torch.eye(3)[[0, 2]]
+    mask, logits = model(x)
+    gen_map = saliency(model, x, labels.argmax(1), "guided_backprop", create_graph=True)
+    total = loss_terms("set2", logits=logits, labels=labels, mask_logits=mask,
+                       gen_map=gen_map)["total"]
+    grad_map, grad_mask = torch.autograd.grad(total, [gen_map, mask], allow_unused=True)
+    assert grad_map is None
+    assert grad_mask.abs().max() > 0

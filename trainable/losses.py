@@ -1,0 +1,192 @@
+"""The loss sets: pure functions of tensors that return named terms.
+
+Notation (DESIGN.md section 1): cls = BCE-with-logits on the 3 labels; M = the decoder's mask
+logits; G = the generator's saliency map; E = the static eye-gaze heatmap. Every map-vs-map term
+is `map_alignment`, 1 - Pearson CC, so that Set 3's ratio r mixes comparable quantities.
+
+| loss set   | total                                              |
+| ---------- | -------------------------------------------------- |
+| classifier | cls                                                |
+| baseline   | cls + weight * mask_gaze                           |
+| set1       | cls + weight * map_gaze                            |
+| set2       | cls + weight * mask_map      (G is the target)     |
+| set3       | cls + weight * (r * mask_gaze + (1 - r) * map_gaze) |
+| rrr        | cls + rrr_lambda * rrr                             |
+
+with mask_gaze = L(sigmoid(M), E), map_gaze = L(G, E), mask_map = L(sigmoid(M), G.detach()).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Loss sets and the terms each one adds to "cls".
+LOSS_SETS = {
+    "classifier": (),
+    "baseline": ("mask_gaze",),
+    "set1": ("map_gaze",),
+    "set2": ("mask_map",),
+    "set3": ("mask_gaze", "map_gaze"),
+    "rrr": ("rrr",),
+}
+
+# Added to variances, so that a constant map has CC 0 instead of 0/0; the maps are scaled to a
+# maximum of 1 first, so it is small against any map that is not constant.
+_VAR_EPS = 1e-8
+# A floor for the per-image maximum, not "+ eps": a map of 1e-16 (a fresh EfficientNet in eval
+# mode) must still reach a maximum of 1, while 1 / floor times the loss's own gradient stays
+# finite in float32 for a map of zeros (a smaller floor such as finfo.tiny overflows to inf).
+_PEAK_FLOOR = 1e-30
+
+
+def classification(logits: Tensor, labels: Tensor) -> Tensor:
+    """BCE-with-logits on one-hot labels, mean over images and classes.
+
+    Shape:
+        logits [B, K], labels [B, K] (float, one-hot) -> scalar.
+    """
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def normalise_map(s: Tensor) -> Tensor:
+    """A map as a non-negative per-pixel magnitude with a per-image maximum of 1, in float32.
+
+    |s| summed over channels: the gaze heatmap says where the radiologist looked, not the sign
+    of the evidence, and a map of a 3-channel input has one magnitude per pixel. The maximum is
+    detached: the alignment below is already scale-invariant, so the maximum only brings maps of
+    any size (1e-16 from a fresh network in eval mode, 1e3 later) to unit scale where a fixed
+    epsilon means something; its gradient would all land on one pixel.
+
+    Shape:
+        s [B, C, H, W] -> [B, 1, H, W].
+    """
+    magnitude = s.float().abs().sum(1, keepdim=True)
+    peak = magnitude.detach().amax((2, 3), keepdim=True)
+    return magnitude / peak.clamp_min(_PEAK_FLOOR)
+
+
+def map_alignment(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean over images of 1 - Pearson CC between two normalised maps; in [0, 2].
+
+    Why this loss: it is invariant to the scale and shift of each map, and bounded. The raw
+    scale of a saliency map means nothing (it follows the logits and changes by orders of
+    magnitude during training): MSE on raw maps grew x1e6 when the map grew x1e3, so its weight
+    against cls could not be tuned. Min-max scaling + BCE puts half its gradient on the two
+    pixels that set the minimum and maximum. CC weighs every pixel by its deviation and is what
+    the gaze literature reports. Both Set-3 terms use it, so r mixes comparable quantities.
+
+    Computed in float32 whatever the inputs' dtype (defined under bf16 autocast); a constant
+    map gives CC 0 (loss 1) with finite gradients instead of NaN.
+
+    Args:
+        pred: a signed saliency map [B, C, H, W] or a probability mask [B, 1, H, W].
+        target: the gaze heatmap [B, 1, H, W] (or a map, for set2), same H and W.
+
+    Shape:
+        pred [B, C, H, W], target [B, C', H, W] -> scalar.
+    """
+    if pred.shape[0] != target.shape[0] or pred.shape[2:] != target.shape[2:]:
+        raise ValueError(
+            f"map_alignment: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ "
+            "in batch or spatial size"
+        )
+    with torch.autocast(pred.device.type, enabled=False):
+        p = _centred(normalise_map(pred))
+        t = _centred(normalise_map(target))
+        cov = (p * t).mean((1, 2, 3))
+        # eps inside the square roots: sqrt has an infinite slope at 0 (a constant map).
+        std_p = (p.square().mean((1, 2, 3)) + _VAR_EPS).sqrt()
+        std_t = (t.square().mean((1, 2, 3)) + _VAR_EPS).sqrt()
+        return (1 - cov / (std_p * std_t)).mean()
+
+
+def _centred(m: Tensor) -> Tensor:
+    return m - m.mean((1, 2, 3), keepdim=True)
+
+
+def rrr_penalty(input_grad: Tensor, gaze: Tensor, threshold: float = 0.1) -> Tensor:
+    """"Right for the right reasons" (Ross et al. 2017): input-gradient energy outside the gaze.
+
+    The region is where the gaze heatmap reaches `threshold` of its per-image maximum. Ross et
+    al. penalise the squared gradient outside the region, a quantity whose scale follows the
+    network (it changes by orders of magnitude during training and between encoders), so a
+    fixed lambda would mean something different at every step, and the penalty could be
+    lowered by shrinking the gradient everywhere instead of moving it. Here the penalty is the
+    *fraction* of the gradient energy that lies outside the region, in [0, 1]: scale-invariant,
+    lowered only by moving attribution into the region. A heatmap of zeros gives no region to
+    leave, so no penalty.
+
+    Shape:
+        input_grad [B, C, H, W], gaze [B, 1, H, W] -> scalar.
+    """
+    if input_grad.shape[0] != gaze.shape[0] or input_grad.shape[2:] != gaze.shape[2:]:
+        raise ValueError(
+            f"rrr_penalty: input_grad {tuple(input_grad.shape)} and gaze {tuple(gaze.shape)} "
+            "differ in batch or spatial size"
+        )
+    with torch.autocast(input_grad.device.type, enabled=False):
+        g = input_grad.float()
+        # Scaled by the detached maximum before squaring, so tiny gradients do not underflow.
+        peak = g.detach().abs().amax((1, 2, 3), keepdim=True)
+        energy = (g / peak.clamp_min(_PEAK_FLOOR)).square().sum(1)
+        gaze = gaze.float().sum(1)
+        outside = gaze < threshold * gaze.amax((1, 2), keepdim=True)
+        fraction = (energy * outside).sum((1, 2)) / (energy.sum((1, 2)) + _VAR_EPS)
+        return fraction.mean()
+
+
+def loss_terms(loss_set: str, *, logits: Tensor, labels: Tensor,
+               mask_logits: Tensor | None = None, gen_map: Tensor | None = None,
+               gaze: Tensor | None = None, input_grad: Tensor | None = None, r: float = 0.5,
+               weight: float = 1.0, rrr_lambda: float = 10.0) -> dict[str, Tensor]:
+    """The named terms of a loss set and their weighted "total".
+
+    Args:
+        loss_set: a key of `LOSS_SETS`.
+        logits: class logits [B, 3]; labels: one-hot float [B, 3].
+        mask_logits: the decoder's mask logits M [B, 1, H, W] (baseline, set2, set3).
+        gen_map: the generator map G [B, C, H, W] (set1, set3 differentiable; set2 any).
+        gaze: the gaze heatmap E [B, 1, H, W] (all but classifier and set2).
+        input_grad: the plain input gradient, differentiable (rrr).
+        r: set3's share of the mask term.
+        weight: weight of the heatmap terms against cls.
+        rrr_lambda: weight of the rrr term.
+
+    Returns:
+        {"cls": ..., <the set's terms>..., "total": ...}, scalar tensors.
+    """
+    if loss_set not in LOSS_SETS:
+        raise KeyError(f"unknown loss set {loss_set!r}; valid: {', '.join(LOSS_SETS)}")
+
+    def need(name: str, value: Tensor | None) -> Tensor:
+        if value is None:
+            raise ValueError(f"loss set {loss_set!r} needs {name}=")
+        return value
+
+    terms = {"cls": classification(logits, labels)}
+    for term in LOSS_SETS[loss_set]:
+        if term == "mask_gaze":
+            mask = torch.sigmoid(need("mask_logits", mask_logits).float())
+            terms[term] = map_alignment(mask, need("gaze", gaze))
+        elif term == "map_gaze":
+            terms[term] = map_alignment(need("gen_map", gen_map), need("gaze", gaze))
+        elif term == "mask_map":
+            mask = torch.sigmoid(need("mask_logits", mask_logits).float())
+            # The map is the target: Set 2 trains the decoder towards it, not the map.
+            terms[term] = map_alignment(mask, need("gen_map", gen_map).detach())
+        else:
+            terms[term] = rrr_penalty(need("input_grad", input_grad), need("gaze", gaze))
+
+    terms["total"] = terms["cls"] + _heatmap_loss(loss_set, terms, r, weight, rrr_lambda)
+    return terms
+
+
+def _heatmap_loss(loss_set: str, terms: dict[str, Tensor], r: float, weight: float,
+                  rrr_lambda: float) -> Tensor | float:
+    if loss_set == "set3":
+        return weight * (r * terms["mask_gaze"] + (1 - r) * terms["map_gaze"])
+    if loss_set == "rrr":
+        return rrr_lambda * terms["rrr"]
+    return weight * sum(terms[name] for name in LOSS_SETS[loss_set])  # 0 for classifier
