@@ -53,24 +53,24 @@ def test_train_every_loss_set(small_cache, tmp_path, loss_set):
 
 
 def test_resume_continues_where_it_stopped(small_cache, tmp_path):
-    """Interrupted after two of four epochs and resumed: the same numbers as four in one go."""
+    """Interrupted after one of three epochs and resumed: the same numbers as three in one go."""
     straight = []
-    train(quick(small_cache, tmp_path / "a", epochs=4, figures=0), report=straight.append)
+    train(quick(small_cache, tmp_path / "a", epochs=3, figures=0), report=straight.append)
 
     first = []
 
-    def interrupt_after_two(rep):
+    def interrupt_after_one(rep):
         first.append(rep)
-        if rep.epoch == 2:
+        if rep.epoch == 1:
             raise KeyboardInterrupt  # like Ctrl-C, after the epoch's checkpoint was written
 
     with pytest.raises(KeyboardInterrupt):
-        train(quick(small_cache, tmp_path / "b", epochs=4, figures=0), report=interrupt_after_two)
+        train(quick(small_cache, tmp_path / "b", epochs=3, figures=0), report=interrupt_after_one)
     resumed = []
-    train(quick(small_cache, tmp_path / "c", epochs=4, figures=0), report=resumed.append,
+    train(quick(small_cache, tmp_path / "c", epochs=3, figures=0), report=resumed.append,
           resume_from=first[-1].checkpoint_dir)
-    assert [r.epoch for r in resumed] == [3, 4]
-    for a, b in zip(straight[2:], resumed):
+    assert [r.epoch for r in resumed] == [2, 3]
+    for a, b in zip(straight[1:], resumed):
         assert a.metrics["train/loss"] == pytest.approx(b.metrics["train/loss"], rel=1e-5)
         assert a.metrics["val/auc/mean"] == pytest.approx(b.metrics["val/auc/mean"], abs=1e-6)
 

@@ -16,6 +16,10 @@ Every map is taken in a *map pass* that leaves the model as it found it:
   the map may be taken before or after the training forward, in any order;
 - modes, forwards, hooks and requires_grad are restored on exit, also after an error, and
   parameter `.grad`s are never touched (`torch.autograd.grad`, not `.backward()`).
+
+Eval mode uses the running statistics: with the initial ones (mean 0, var 1) a fresh
+EfficientNet gives logits of about 1e-12 and maps of about 1e-16 until a few training steps
+have moved them; `trainable.losses.map_alignment` is built to take maps of any scale.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.base import SegmentationModel
 from torch import Tensor, nn
+# The common base of BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm and timm's BatchNormAct2d:
+# the classes that own running statistics.
 from torch.nn.modules.batchnorm import _NormBase
 
 from trainable.backward_rules import modified_activations
