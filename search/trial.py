@@ -1,0 +1,127 @@
+"""One trial under Ray Tune: `trainable.train` wrapped with MLflow logging and Tune checkpoints.
+
+`trial_fn` runs in a Ray worker. It logs each epoch to the trial's MLflow run *before* handing
+the result to Tune, because code after the last `tune.report` never runs when the scheduler
+stops a trial. For the same reason the run is ended on the driver, by `TrialRunCloser`, from
+Tune's callbacks, which see every way a trial ends (done, stopped early, failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray import tune
+from ray.tune import Callback, Checkpoint
+
+from search import tracking
+from trainable.config import TrialConfig
+
+SETTINGS_ENV = "GAZETUNE_SEARCH_SETTINGS"  # the running search's settings file, for callbacks
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What the trials of one search share besides the sampled parameters."""
+
+    cache: str  # absolute: trials run in their own directories
+    epochs: int  # the scheduler's budget (ASHA's max_t)
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    fixed: dict = field(default_factory=dict)  # `--set KEY=VALUE`, typed
+    threads: int = 0  # torch threads: the CPUs Ray reserved for the trial
+    gpu_fraction: float = 0.0  # the GPU share Ray reserved; the trial caps its memory to it
+
+    def trial_config(self, sampled: dict, checkpoint_dir: Path) -> dict:
+        """The `trainable.config.TrialConfig` dict of one trial."""
+        return {
+            "threads": self.threads,
+            **self.fixed,
+            **sampled,
+            "cache": self.cache,
+            "epochs": self.epochs,
+            "gpu_memory_fraction": self.gpu_fraction,
+            "checkpoint_dir": str(checkpoint_dir),
+        }
+
+
+def trial_fn(config: dict, setup: TrialSetup, train: Callable | None = None) -> None:
+    """Train one sampled configuration, resuming from Tune's checkpoint after a failure.
+
+    Args:
+        config: the parameters the search space sampled.
+        setup: the search's shared settings (passed with `tune.with_parameters`).
+        train: the training function, `trainable.loop.train` unless given.
+    """
+    if train is None:
+        from trainable.loop import train
+    trial_id = tune.get_context().get_trial_id()
+    # Ray runs each trial in its own working directory; the state written there is copied to
+    # the search's storage by every `tune.report`, which is what a retry starts from.
+    state = Path.cwd() / f"state-{trial_id}"
+    shutil.rmtree(state, ignore_errors=True)  # a previous attempt's, newer than the checkpoint
+    resume_from = None
+    if checkpoint := tune.get_checkpoint():
+        resume_from = checkpoint.to_directory(str(state))
+    # The whole config, defaults included, is what MLflow keeps as the trial's params.
+    trial_config = TrialConfig.from_dict(setup.trial_config(config, state)).to_dict()
+    run = tracking.TrialRun(setup.tracking_uri, setup.experiment_id, setup.parent_run_id,
+                            trial_id, trial_config)
+    # Ray logs a line per persisted checkpoint (each epoch); the trial's run says it already.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+
+    def report(epoch_report) -> None:
+        run.log_epoch(epoch_report)
+        tune.report(dict(epoch_report.metrics),
+                    checkpoint=Checkpoint.from_directory(epoch_report.checkpoint_dir))
+
+    train(trial_config, report=report, resume_from=resume_from)
+
+
+class TrialRunCloser(Callback):
+    """Ends each trial's MLflow run on the driver when Tune says the trial has ended.
+
+    FINISHED, tagged `pruned` when the scheduler stopped it before its budget; FAILED with the
+    reason once Tune gives up retrying it. Tune pickles callbacks with the experiment and a
+    resumed search cannot replace them, so this one holds nothing: at setup it reads the
+    search's current settings from the file named by `$GAZETUNE_SEARCH_SETTINGS` (set by the
+    service), which a resume may have changed (another tracking URI, a moved storage folder).
+    """
+
+    def setup(self, **info) -> None:
+        from search.service import SearchSettings
+
+        self._settings = SearchSettings.load(os.environ[SETTINGS_ENV])
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        s = self._settings
+        tracking.finish_trial_run(s.tracking_uri, s.experiment_id, trial.trial_id, "FINISHED",
+                                  pruned=stopped_early(trial, s.max_epochs))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        s = self._settings
+        tracking.finish_trial_run(s.tracking_uri, s.experiment_id, trial.trial_id, "FAILED",
+                                  failure=failure_reason(trial))
+
+    def __getstate__(self) -> dict:
+        return {}  # read again at setup
+
+
+def stopped_early(trial, max_t: int) -> bool:
+    """Whether a trial that ended without error had run fewer epochs than the budget."""
+    return (trial.last_result or {}).get("training_iteration", 0) < max_t
+
+
+def failure_reason(trial) -> str:
+    """The last line of the trial's latest error: `Type: message` for a Python exception."""
+    # Tune writes the error on the driver first and copies it to storage later, so the local
+    # file is the one that exists while the callbacks run.
+    local = Path(trial.error_file) if trial.error_file else None
+    text = local.read_text() if local and local.is_file() else trial.get_error() or ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "the trial failed (no error recorded)"
