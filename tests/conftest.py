@@ -57,3 +57,13 @@ def small_cache(small_dataset, tmp_path_factory) -> Path:
     prepare(egd_root=small_dataset / "egd-cxr", mimic_root=small_dataset / "mimic-cxr",
             cache=cache, size=64, workers=1, sigma=20.0)
     return cache
+
+
+# Property tests draw the same examples on every run, so CI cannot fail on a new random draw.
+try:
+    from hypothesis import settings
+
+    settings.register_profile("gazetune", derandomize=True, deadline=None)
+    settings.load_profile("gazetune")
+except ImportError:
+    pass

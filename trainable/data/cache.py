@@ -137,8 +137,8 @@ def prepare(
         raise ValueError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
     started = time.perf_counter()
     cache = Path(cache)
+    release = read_release(egd_root, mimic_root, subset)  # a bad table fails before any write
     (cache / ENTRIES).mkdir(parents=True, exist_ok=True)
-    release = read_release(egd_root, mimic_root, subset)
     params = {"size": size, "sigma": sigma, "resize": "PIL bilinear, antialiased",
               "version": PREPROCESS_VERSION}
 

@@ -30,6 +30,7 @@ REQUIRED = (
     "PixelData",
 )
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+DISPLAY = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
 
 
 def read_dicom(path: str | Path) -> np.ndarray:
@@ -52,7 +53,8 @@ def read_dicom(path: str | Path) -> np.ndarray:
 
     Raises:
         DataError: not a DICOM file, a missing required attribute, no pixel data, truncated or
-            undecodable pixel data, a colour or multi-frame image, or an invalid window.
+            undecodable pixel data, a colour or multi-frame image, an invalid window, or a
+            rescale or window that gives non-finite values.
     """
     path = Path(path)
     ds = _read(path)
@@ -80,6 +82,9 @@ def read_dicom(path: str | Path) -> np.ndarray:
     except Exception as err:  # a malformed LUT or window fails in many ways inside pydicom
         reason = f"{type(err).__name__}: {err}"
         raise DataError(f"{path}: cannot apply the modality/VOI LUT or window ({reason})") from err
+    if not np.isfinite(image).all():  # NaN or infinite rescale or window values pass pydicom
+        settings = ", ".join(f"{name} {ds.get(name)!r}" for name in DISPLAY if name in ds)
+        raise DataError(f"{path}: the modality/VOI transform gives non-finite values ({settings})")
     if photometric == "MONOCHROME1":
         image = 1.0 - image
     return image.astype(np.float32)
@@ -92,6 +97,10 @@ def _read(path: Path) -> pydicom.Dataset:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path)
+            # pydicom converts elements on first access: convert them all here, so that a
+            # corrupt element (an unknown VR, a bad value) is named as an unreadable header
+            # instead of escaping from wherever it happens to be read first.
+            ds.walk(lambda dataset, element: None)
     except InvalidDicomError as err:
         raise DataError(f"{path}: not a DICOM file ({err})") from err
     except Exception as err:  # a corrupt header fails in many ways deep inside pydicom
@@ -110,7 +119,11 @@ def _decode(ds: pydicom.Dataset, path: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             stored = ds.pixel_array
-    except Exception as err:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:
+        # BaseException, not Exception: a codec written in Rust (pylibjpeg-rle) panics on some
+        # corrupt streams with pyo3's PanicException, which derives from BaseException.
         reason = f"{type(err).__name__}: {err}"
         raise DataError(f"{path}: cannot decode the pixel data ({reason})") from err
     expected = (int(ds.Rows), int(ds.Columns))

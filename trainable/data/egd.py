@@ -74,7 +74,9 @@ class Release:
     records: list[ImageRecord]
     skipped: list[Skip] = field(default_factory=list)
     mimic_root: Path | None = None
-    ignored_fixation_rows: int = 0  # calibration screens and images outside the subset
+    # DICOM_IDs not among the master sheet's (subset's) images: calibration screens, images
+    # outside the subset, and any unknown id, which looks just like a calibration screen.
+    ignored_fixation_rows: int = 0
     off_image_fixations: int = 0  # dropped: x < 0 or y <= 0, see `_gaze_by_image`
 
 
@@ -145,8 +147,10 @@ def resolve_mimic_root(root: Path) -> Path:
 def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     """The required columns of a CSV file as stripped strings (ids stay exactly as written)."""
     try:
+        # index_col=False: when the first data row has more fields than the header, pandas
+        # would otherwise take the surplus as an index and shift every column of every row.
         table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                            usecols=lambda column: column in required)
+                            index_col=False, usecols=lambda column: column in required)
     except FileNotFoundError as err:
         raise DataError(f"{path}: no such file") from err
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -160,7 +164,8 @@ def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 def _read_subset(path: Path, master: pd.DataFrame) -> set[str]:
     """Dicom ids named by a subset file; every name must be in the master sheet."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                            index_col=False)
     except FileNotFoundError as err:
         raise DataError(f"{path}: no such subset file") from err
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -206,15 +211,16 @@ def _gaze_by_image(fixations: pd.DataFrame) -> tuple[dict, list[Skip], int]:
         {dicom_id: (points [n, 2], times [n])}, the skipped rows, the number of fixations
         dropped as off-image.
     """
-    numbers = fixations[[X, Y, TIME]].apply(pd.to_numeric, errors="coerce")
-    bad = numbers.isna().any(axis=1)
+    numbers = fixations[[X, Y, TIME]].apply(pd.to_numeric, errors="coerce").astype(np.float64)
+    # 'inf' and '1e400' parse as numbers, but no pixel or time is infinite.
+    bad = ~np.isfinite(numbers).all(axis=1)
     skipped = []
     for index in np.flatnonzero(bad.to_numpy()):
-        row = fixations.iloc[index]
-        column = next(c for c in (X, Y, TIME) if pd.isna(numbers.iloc[index][c]))
+        row, parsed = fixations.iloc[index], numbers.iloc[index]
+        column = next(c for c in (X, Y, TIME) if not np.isfinite(parsed[c]))
         line = fixations.index[index] + 2  # header is line 1; no fixation cell spans lines
-        reason = f"{column} {row[column]!r} is not a number"
-        skipped.append(Skip(f"{FIXATIONS} line {line}", reason))
+        what = "not a number" if np.isnan(parsed[column]) else "not finite"
+        skipped.append(Skip(f"{FIXATIONS} line {line}", f"{column} {row[column]!r} is {what}"))
     values = numbers[~bad].to_numpy(np.float64)
     # The authors' mapping turns an off-image gaze into (-1, -1) before scaling, which truncates
     # to small negatives on full-size images and to (0, 0) below 1080 pixels; their heatmap
@@ -224,7 +230,9 @@ def _gaze_by_image(fixations: pd.DataFrame) -> tuple[dict, list[Skip], int]:
     # Group rows by image with a stable sort (a pandas groupby costs ~5 ms per group here).
     codes, ids = pd.factorize(fixations["DICOM_ID"].to_numpy()[~bad.to_numpy()][~off_image])
     order = np.argsort(codes, kind="stable")
-    groups = np.split(values[order], np.cumsum(np.bincount(codes, minlength=len(ids)))[:-1])
+    # Without any fixation, np.split would still return one (empty) group.
+    bounds = np.cumsum(np.bincount(codes, minlength=len(ids)))[:-1]
+    groups = np.split(values[order], bounds) if len(ids) else []
     gaze = {dicom_id: (group[:, :2], group[:, 2])
             for dicom_id, group in zip(ids, groups, strict=True)}
     return gaze, skipped, int(off_image.sum())
