@@ -103,6 +103,52 @@ def timed(step, device) -> float:
     return time.perf_counter() - start
 
 
+STEP_NAMES = ("plain (baseline)",) + tuple(
+    f"{loss_set} {generator} {path}"
+    for loss_set in ("set1", "set3")
+    for generator in ("guided_backprop", "deconvnet")
+    for path in ("slow", "fast"))
+
+
+def measure_steps(size: int, batch: int, repeats: int, device: torch.device, bf16: bool = False,
+                  channels_last: bool = False, slow: bool = True) -> dict[str, list[float]]:
+    """Seconds of each step in `STEP_NAMES` (without the slow ones unless `slow`), `repeats`
+    interleaved times after one warm-up."""
+    model, x, gaze, labels = build(size, batch, device, channels_last)
+    configs = {"plain (baseline)": ("baseline", None, True)}
+    for name in STEP_NAMES[1:]:
+        loss_set, generator, path = name.split()
+        if slow or path == "fast":
+            configs[name] = (loss_set, generator, path == "fast")
+    steps = {name: make_step(model, x, gaze, labels, *config, bf16)
+             for name, config in configs.items()}
+    for step in steps.values():  # warm-up: allocator, kernels, BN running statistics
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):  # interleaved, so that load from elsewhere hits all alike
+        for name, step in steps.items():
+            times[name].append(timed(step, device))
+    return times
+
+
+def print_steps(times: dict[str, list[float]]) -> None:
+    """The table of best/median step times and their ratios to the plain step."""
+    best = {name: min(values) for name, values in times.items()}
+    median = {name: statistics.median(values) for name, values in times.items()}
+    plain = "plain (baseline)"
+    print(f"{'step':<30} {'best ms':>8} {'median ms':>10} {'x plain best':>13} {'median':>7}")
+    for name in times:
+        print(f"{name:<30} {1e3 * best[name]:>8.0f} {1e3 * median[name]:>10.0f} "
+              f"{best[name] / best[plain]:>13.2f} {median[name] / median[plain]:>7.2f}")
+    for loss_set in ("set1", "set3"):
+        for generator in ("guided_backprop", "deconvnet"):
+            slow, fast = f"{loss_set} {generator} slow", f"{loss_set} {generator} fast"
+            if slow not in times:
+                continue
+            print(f"fast path speed-up, {loss_set} {generator}: {best[slow] / best[fast]:.2f}x "
+                  f"(best), {median[slow] / median[fast]:.2f}x (median)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128)
@@ -114,37 +160,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
-    model, x, gaze, labels = build(args.size, args.batch, device, args.channels_last)
-    configs = {"plain (baseline)": ("baseline", None, True)}
-    for loss_set in ("set1", "set3"):
-        for generator in ("guided_backprop", "deconvnet"):
-            for fast in (False, True):
-                path = "fast" if fast else "slow"
-                configs[f"{loss_set} {generator} {path}"] = (loss_set, generator, fast)
-    steps = {name: make_step(model, x, gaze, labels, *config, args.bf16)
-             for name, config in configs.items()}
-    for step in steps.values():  # warm-up: allocator, kernels, BN running statistics
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(args.repeats):  # interleaved, so that load from elsewhere hits all alike
-        for name, step in steps.items():
-            times[name].append(timed(step, device))
-
+    times = measure_steps(args.size, args.batch, args.repeats, device, args.bf16,
+                          args.channels_last)
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     print(f"efficientnet-b0 U-Net, {args.size} px, batch {args.batch}, bf16 {args.bf16}, "
           f"channels_last {args.channels_last}; {args.repeats} interleaved steps each")
-    best = {name: min(values) for name, values in times.items()}
-    median = {name: statistics.median(values) for name, values in times.items()}
-    plain = "plain (baseline)"
-    print(f"{'step':<30} {'best ms':>8} {'median ms':>10} {'x plain best':>13} {'median':>7}")
-    for name in times:
-        print(f"{name:<30} {1e3 * best[name]:>8.0f} {1e3 * median[name]:>10.0f} "
-              f"{best[name] / best[plain]:>13.2f} {median[name] / median[plain]:>7.2f}")
-    for loss_set in ("set1", "set3"):
-        for generator in ("guided_backprop", "deconvnet"):
-            slow, fast = f"{loss_set} {generator} slow", f"{loss_set} {generator} fast"
-            print(f"fast path speed-up, {loss_set} {generator}: {best[slow] / best[fast]:.2f}x "
-                  f"(best), {median[slow] / median[fast]:.2f}x (median)")
+    print_steps(times)
     return 0
 
 

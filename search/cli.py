@@ -102,12 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_service_commands(sub) -> None:
-    """search / resume / export / evaluate / demo (the service, in search/)."""
-    try:
-        from search import commands
-    except ImportError:  # the service package is being built; the data commands still work
-        return
+    """search / resume (the service), export / evaluate / demo (reports), bench."""
+    from search import bench_command, commands, report_commands
+
     commands.add_to(sub)
+    report_commands.add_to(sub)
+    bench_command.add_to(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,9 +242,11 @@ def _new_tuner(settings: SearchSettings, trainable: Callable | None):
         run_config=tune.RunConfig(
             name=settings.name,
             storage_path=settings.storage,
-            # One kept checkpoint per trial: the state to continue from, whose best/ folder
-            # holds the best epoch (and each checkpoint forces a snapshot of the search state).
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Each checkpoint holds the state to continue from and, in best/, the best epoch.
+            # Two, not one: Tune deletes the older as soon as a newer one is saved, and its
+            # state snapshot may still name the older when the driver is killed (measured:
+            # with one, the resumed trial failed for want of its checkpoint).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             callbacks=_callbacks(settings),
             verbose=0,  # ProgressPrinter says what a person needs

@@ -1,0 +1,288 @@
+"""`gazetune evaluate NAME`: a trial's best checkpoint on the held-out test split.
+
+The only place the test split is read. The checkpoint and its config come back from MLflow
+(`mlflow.artifacts.download_artifacts`, so a tracking server works as well as a local store),
+the model is rebuilt from that config and evaluated on the test split of the cache the trial
+used, with the same bootstrap AUCs and map agreement as validation. The result goes to
+`reports/NAME/evaluation.{json,md}` and test-split heatmap panels, into the `test` of the
+trial's entry in `best_configs.json`, and into an MLflow run of the study tagged
+`evaluates` = the trial's run id and `gazetune.kind` = `evaluation`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from search import export, tracking
+from trainable.config import CLASS_NAMES, TrialConfig
+from trainable.errors import GazetuneError
+
+EVALUATION_JSON, EVALUATION_MD = "evaluation.json", "evaluation.md"
+PANELS = "test_heatmaps.png"
+PANELS_PER_CLASS = 3
+
+
+def evaluate_study(name: str, run_id: str | None = None, protocol: str = "stratified",
+                   cache: str | Path | None = None, tracking_uri: str | None = None,
+                   reports: str | Path = "reports", n_boot: int = 0,
+                   workdir: Path | None = None) -> dict:
+    """Evaluate the best trial of study `name` (or run `run_id`) on the test split.
+
+    Args:
+        name: the study (= the MLflow experiment's name).
+        run_id: a trial's MLflow run; None for the trial with the best validation AUC.
+        protocol: the bootstrap, "stratified" or "paper" (`trainable.metrics`).
+        cache: the prepared cache to read the test split from; None for the one the trial
+            trained on (its config's `cache`).
+        tracking_uri: http(s)://HOST:PORT or sqlite:///PATH; None for `<workdir>/mlflow.db`.
+        reports: the folder of report folders (relative to `workdir`).
+        n_boot: bootstrap resamples; 0 for the protocol's default (2,000; paper: 30).
+        workdir: where relative paths are taken from (default: the current directory).
+
+    Returns:
+        What `evaluation.json` holds.
+    """
+    workdir = Path(workdir or Path.cwd())
+    uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
+    trial = _pick_trial(export.read_trials(uri, name), name, run_id)
+    with tempfile.TemporaryDirectory(prefix="gazetune-evaluate-") as scratch:
+        state, config = pull_checkpoint(trial.run_id, uri, Path(scratch))
+    cache = str(export.absolute(cache, workdir)) if cache else config["cache"]
+    cfg = TrialConfig.from_dict({**config, "cache": cache, "boot_protocol": protocol,
+                                 "n_boot": n_boot, "checkpoint_dir": None})
+    metrics, figure, counts = _evaluate(state, cfg)
+
+    out = export.absolute(reports, workdir) / name
+    result = {
+        "study": name, "run_id": trial.run_id, "trial": trial.number,
+        "method": "/".join(p for p in trial.method if p), "epoch": trial.epoch,
+        "checkpoint_uri": export.checkpoint_uri(trial.run_id), "split": "test",
+        "images": counts, "protocol": protocol, "n_boot": _resamples(cfg), "alpha": 0.05,
+        "seed": cfg.seed, "test": _scores(metrics), "val": trial.val,
+        "agreement": _agreement(metrics), "evaluation_run_id": None,
+    }
+    from trainable.figures import save_figure
+
+    save_figure(figure, out / export.FIGURES / PANELS)
+    result["evaluation_run_id"] = _record(name, uri, trial, cfg, metrics, out, result)
+    _fill_best_configs(out / export.BEST_CONFIGS, trial.run_id, result["test"])
+    print(f"test split of study {name!r}, trial {trial.number} (run {trial.run_id}): mean AUC "
+          f"{export.format_auc(result['test']['mean'])}; report: {out / EVALUATION_MD}")
+    return result
+
+
+def pull_checkpoint(run_id: str, tracking_uri: str, scratch: Path) -> tuple[dict, dict]:
+    """(model state dict, trial config) of a run's `checkpoint/` artifact (its best epoch)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from trainable.checkpoint import load_best
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="checkpoint", dst_path=str(scratch),
+            tracking_uri=tracking_uri)
+    except (MlflowException, OSError) as err:
+        raise GazetuneError(f"run {run_id} at {tracking_uri}: no checkpoint/ artifact to "
+                            f"evaluate ({str(err).strip().splitlines()[0][:300]})") from None
+    # The artifact holds a checkpoint folder's best/ files: model.pt, config.json, metrics.json.
+    os.replace(local, scratch / "best")
+    state, config, _ = load_best(scratch)
+    return state, config
+
+
+def _pick_trial(trials: list, name: str, run_id: str | None):
+    if run_id is None:
+        ranked = export.ranked_trials(trials)
+        if not ranked:
+            raise GazetuneError(f"study {name!r}: no finished trial with a validation score "
+                                f"to evaluate")
+        return ranked[0]
+    for trial in trials:
+        if trial.run_id == run_id:
+            return trial
+    raise GazetuneError(f"run {run_id} is not a trial of study {name!r}")
+
+
+def _evaluate(state: dict, cfg: TrialConfig):
+    """Test-split metrics, heatmap panels and image counts of the checkpoint's model."""
+    from trainable.data import load_cache
+    from trainable.loop import DeviceData, evaluate
+    from trainable.model import build_model
+
+    if not Path(cfg.cache).is_dir():
+        raise GazetuneError(f"cache {cfg.cache} (the trial's) does not exist here: pass --cache "
+                            f"with the prepared cache of the same data")
+    device = _device(cfg)
+    data = DeviceData(load_cache(cfg.cache), device)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise GazetuneError(f"checkpoint does not fit the model of its config: {err}") from None
+    model.to(device)
+    idx = data.indices("test")
+    if len(idx) == 0:
+        raise GazetuneError(f"cache {cfg.cache} has no test split")
+    metrics, predictions = evaluate(model, data, idx, cfg, prefix="test")
+    labels = data.cache.labels[idx]
+    counts = {"total": int(len(idx)),
+              **{c: int(n) for c, n in zip(CLASS_NAMES, labels.sum(0))}}
+    return metrics, _panels(data, idx, predictions, cfg), counts
+
+
+def _panels(data, idx: np.ndarray, predictions: dict, cfg: TrialConfig):
+    """input | generator map | gaze | mask for up to 3 test images per class, correctly
+    classified ones first; rows are titled by class and probability only."""
+    from trainable.figures import heatmap_panels
+
+    probs, y = predictions["probs"], predictions["labels"].argmax(1)
+    chosen = []
+    for c in range(len(CLASS_NAMES)):
+        of_class = np.flatnonzero(y == c)
+        right = of_class[probs[of_class].argmax(1) == c]
+        wrong = of_class[probs[of_class].argmax(1) != c]
+        chosen.extend(np.concatenate([right, wrong])[:PANELS_PER_CLASS].tolist())
+    sel = idx[chosen]
+    titles = [f"{CLASS_NAMES[y[i]]} (p={probs[i, y[i]]:.2f})"
+              + ("" if probs[i].argmax() == y[i] else ", missed") for i in chosen]
+    masks = predictions["masks"]
+    return heatmap_panels(data.cache.images[sel].astype(np.float32), predictions["maps"][chosen],
+                          data.cache.heatmaps[sel].astype(np.float32),
+                          None if masks is None else masks[chosen], titles=titles)
+
+
+def _device(cfg: TrialConfig):
+    import torch
+
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _scores(metrics: dict) -> dict:
+    return {n: [export.finite(metrics.get(f"test/auc/{n}{b}")) for b in ("", "/lo", "/hi")]
+            for n in export.SCORES}
+
+
+def _agreement(metrics: dict) -> dict:
+    """{"map": {cc, kl, nss}, "mask": {...}} (mask only for models with a decoder)."""
+    out: dict = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[1] in ("map", "mask"):
+            out.setdefault(parts[1], {})[parts[2]] = export.finite(value)
+    return out
+
+
+def _resamples(cfg: TrialConfig) -> int:
+    from trainable.metrics import DEFAULT_N_BOOT
+
+    return cfg.n_boot or DEFAULT_N_BOOT[cfg.boot_protocol]
+
+
+def _record(name: str, uri: str, trial, cfg: TrialConfig, metrics: dict, out: Path,
+            result: dict) -> str:
+    """The study's evaluation run in MLflow, with the report files as its artifacts."""
+    from mlflow.entities import Metric, Param
+
+    client = export.mlflow_client(uri)
+    experiment = client.get_experiment_by_name(name)
+    run_id = client.create_run(
+        experiment.experiment_id,
+        run_name=f"evaluation of trial {trial.number}",
+        tags={"evaluates": trial.run_id, "gazetune.kind": "evaluation"},
+    ).info.run_id
+    try:
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)],
+            params=[Param(k, str(v)) for k, v in (
+                ("protocol", cfg.boot_protocol), ("n_boot", result["n_boot"]),
+                ("cache", cfg.cache), ("evaluated_run", trial.run_id),
+                ("split", "test"))],
+        )
+        result["evaluation_run_id"] = run_id
+        export.write_json(out / EVALUATION_JSON, result)
+        export.write_text(out / EVALUATION_MD, evaluation_markdown(result))
+        client.log_artifact(run_id, str(out / EVALUATION_JSON))
+        client.log_artifact(run_id, str(out / EVALUATION_MD))
+        client.log_artifact(run_id, str(out / export.FIGURES / PANELS), "figures")
+    except BaseException as err:
+        client.set_tag(run_id, "failure", f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _fill_best_configs(path: Path, run_id: str, test: dict) -> None:
+    """Put the test AUCs into the run's entry of best_configs.json (when it is listed)."""
+    import json
+
+    if not path.is_file():
+        print(f"no {path}: `gazetune export` writes it (the test AUCs are in "
+              f"{EVALUATION_JSON})")
+        return
+    items = json.loads(path.read_text())
+    listed = [item for item in items if item["run_id"] == run_id]
+    for item in listed:
+        item["test"] = test
+    if listed:
+        export.write_json(path, items)
+    else:
+        print(f"run {run_id} is not among the configurations in {path}; its test AUCs are in "
+              f"{EVALUATION_JSON}")
+
+
+def evaluation_markdown(result: dict) -> str:
+    """evaluation.md: test AUCs beside the validation ones and the paper's, map agreement."""
+    images = result["images"]
+    method = tuple(result["method"].split("/")) + ((None,) if "/" not in result["method"] else ())
+    boot = ("stratified bootstrap" if result["protocol"] == "stratified"
+            else "the paper's bootstrap (resamples of 55% of the images)")
+    lines = [
+        f"# Test evaluation of study `{result['study']}`",
+        "",
+        f"Trial {result['trial']} ({result['method']}), MLflow run `{result['run_id']}`, its "
+        f"best validation epoch ({result['epoch']}), checkpoint `{result['checkpoint_uri']}`. "
+        f"Recorded in MLflow as run `{result['evaluation_run_id']}`.",
+        "",
+        f"Test split: {images['total']} images ("
+        + ", ".join(f"{c} {images[c]}" for c in CLASS_NAMES) + f"). One-vs-rest AUC with 95% "
+        f"percentile intervals, {boot}, {result['n_boot']} resamples, seed {result['seed']}.",
+        "",
+        "| | mean (95% CI) | Normal | CHF | pneumonia |",
+        "| --- | --- | --- | --- | --- |",
+        "| test | " + " | ".join(export.format_auc(result["test"][n]) for n in export.SCORES) + " |",
+    ]
+    if result.get("val"):
+        lines.append("| validation | " + " | ".join(export.format_auc(result["val"][n])
+                                                   for n in export.SCORES) + " |")
+    if method in export.PAPER:
+        label, mean, per_class = export.PAPER[method]
+        lines.append(f"| paper ({label}, test) | " + " | ".join(
+            [export.format_auc(list(mean)), *(f"{auc:.3f}" for auc in per_class)]) + " |")
+    lines += ["", "## Agreement of maps with the radiologist's gaze", "",
+              "Mean over test images: Pearson CC (higher is closer), KL divergence of the map "
+              "from the gaze heatmap (lower is closer), NSS at the fixations (higher is closer).",
+              "", "| map | CC | KL | NSS |", "| --- | --- | --- | --- |"]
+    names = {"map": "generator map", "mask": "decoder mask"}
+    for kind, values in result["agreement"].items():
+        lines.append(f"| {names[kind]} | " + " | ".join(
+            "–" if values.get(k) is None else f"{values[k]:.3f}" for k in ("cc", "kl", "nss"))
+            + " |")
+    lines += ["", f"![test heatmap panels]({export.FIGURES}/{PANELS})", "",
+              "Rows: test images by class (correctly classified first), titled by class and "
+              "predicted probability; columns: input, generator map, gaze map, decoder mask.", ""]
+    return "\n".join(lines)
+
+
