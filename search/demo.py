@@ -19,7 +19,7 @@ from pathlib import Path
 from trainable.errors import GazetuneError
 
 NAME = "demo"
-IMAGES = 180
+IMAGES = 150
 SIZE = 64
 # The synthetic images are a few hundred pixels high: the reference's 150-pixel blur (for
 # ~3000-pixel radiographs) would spread each fixation over half the image.
@@ -28,7 +28,7 @@ TRIALS = 8  # the paper's eight configurations
 EPOCHS = 3
 # Small batches: a short trial then takes enough steps to learn something. 500 resamples keep
 # each validation pass short; the test evaluation uses the full 2,000.
-TRIAL_SETTINGS = {"batch_size": 8, "n_boot": 500, "figures": 2}
+TRIAL_SETTINGS = {"batch_size": 8, "n_boot": 500, "figures": 1}
 
 
 def run_demo(workdir: str | Path | None = None, images: int = IMAGES, trials: int = TRIALS,

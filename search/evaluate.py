@@ -159,6 +159,10 @@ def _panels(data, idx: np.ndarray, predictions: dict, cfg: TrialConfig):
                           None if masks is None else masks[chosen], titles=titles)
 
 
+def _row(label: str, scores: dict) -> str:
+    return f"| {label} | " + " | ".join(export.format_auc(scores[n]) for n in export.SCORES) + " |"
+
+
 def _device(cfg: TrialConfig):
     import torch
 
@@ -262,11 +266,10 @@ def evaluation_markdown(result: dict) -> str:
         "",
         "| | mean (95% CI) | Normal | CHF | pneumonia |",
         "| --- | --- | --- | --- | --- |",
-        "| test | " + " | ".join(export.format_auc(result["test"][n]) for n in export.SCORES) + " |",
+        _row("test", result["test"]),
     ]
     if result.get("val"):
-        lines.append("| validation | " + " | ".join(export.format_auc(result["val"][n])
-                                                   for n in export.SCORES) + " |")
+        lines.append(_row("validation", result["val"]))
     if method in export.PAPER:
         label, mean, per_class = export.PAPER[method]
         lines.append(f"| paper ({label}, test) | " + " | ".join(

@@ -67,6 +67,7 @@ class Trial:
     epoch: int | None  # the best validation epoch (None: no validation score)
     val: dict | None  # {name: [auc, lo, hi]} at that epoch, NaN as None
     figures: tuple[str, ...] = field(default=())  # artifact paths under figures/
+    parent: str | None = None  # the search's parent run
 
     @property
     def state(self) -> str:
@@ -168,7 +169,8 @@ def read_trials(tracking_uri: str, name: str) -> list[Trial]:
         trials.append(Trial(
             run_id=run.info.run_id, number=number, status=run.info.status,
             pruned=run.data.tags.get("pruned") == "true", params=dict(run.data.params),
-            epochs=max(history.get(METRIC, {0: None})), epoch=epoch, val=val, figures=figures,
+            epochs=max(history.get(METRIC) or [0]), epoch=epoch, val=val, figures=figures,
+            parent=run.data.tags.get(tracking.PARENT_TAG),
         ))
     return trials
 
@@ -176,8 +178,8 @@ def read_trials(tracking_uri: str, name: str) -> list[Trial]:
 def best_epoch(history: Mapping[int, float]) -> int | None:
     """The step where the metric peaks (the earliest of equal peaks, as the loop keeps the first
     checkpoint to reach a value); None when no step has a finite value."""
-    finite = [(value, -step) for step, value in history.items() if math.isfinite(value)]
-    return -max(finite)[1] if finite else None
+    peaks = [(value, -step) for step, value in history.items() if math.isfinite(value)]
+    return -max(peaks)[1] if peaks else None
 
 
 def ranked_trials(trials: Iterable[Trial]) -> list[Trial]:
@@ -194,8 +196,7 @@ def _by_step(metrics) -> dict[int, float]:
 def _space_name(tracking_uri: str, trials: list[Trial]) -> str:
     """The search space the study used, from its parent run's params (`paper` if unknown)."""
     client = mlflow_client(tracking_uri)
-    parents = {client.get_run(t.run_id).data.tags.get(tracking.PARENT_TAG) for t in trials}
-    for parent in sorted(p for p in parents if p):
+    for parent in sorted({t.parent for t in trials if t.parent}):
         space = client.get_run(parent).data.params.get("space")
         if space:
             return space
@@ -286,8 +287,8 @@ def summary_markdown(name: str, trials: list[Trial], rows: list[Row], searched: 
         t = row.best
         source = (f"this study: validation, trial {t.number} (best of {row.trials}), epoch "
                   f"{t.epoch} of {t.epochs}{', pruned' if t.pruned else ''}")
-        lines.append(f"| {row.label} | {source} | " + " | ".join(format_auc(t.val[n]) for n in SCORES)
-                     + " |")
+        cells = " | ".join(format_auc(t.val[n]) for n in SCORES)
+        lines.append(f"| {row.label} | {source} | {cells} |")
         if row.method in PAPER:
             _, mean, per_class = PAPER[row.method]
             lines.append("| | paper: test | " + " | ".join(

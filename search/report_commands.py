@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from search import demo  # light: its heavy imports happen when the demo runs
+
 
 def add_to(subparsers) -> None:
     """Add export, evaluate and demo to the `gazetune` parser."""
@@ -37,9 +39,12 @@ def add_to(subparsers) -> None:
                                            "(about 10 minutes on a 2-core CPU)")
     p.add_argument("--workdir", type=Path, default=Path("."),
                    help="where the data, cache, MLflow store, Tune state and report go")
-    p.add_argument("--images", type=int, default=180, help="synthetic images")
-    p.add_argument("--trials", type=int, default=8, help="trials of the search")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of a trial ASHA keeps")
+    p.add_argument("--images", type=int, default=demo.IMAGES,
+                   help="synthetic images (default: %(default)s)")
+    p.add_argument("--trials", type=int, default=demo.TRIALS,
+                   help="trials of the search (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=demo.EPOCHS,
+                   help="epochs of a trial ASHA keeps (default: %(default)s)")
     p.set_defaults(func=_demo)
 
 
@@ -66,7 +71,5 @@ def _evaluate(args) -> int:
 
 
 def _demo(args) -> int:
-    from search.demo import run_demo
-
-    run_demo(args.workdir, images=args.images, trials=args.trials, epochs=args.epochs)
+    demo.run_demo(args.workdir, images=args.images, trials=args.trials, epochs=args.epochs)
     return 0
