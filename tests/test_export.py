@@ -1,0 +1,277 @@
+"""`gazetune export`: best_configs.json, summary.md and figures from a study's MLflow runs.
+
+The study here is written without training (`study_in_mlflow`): each trial's epochs go through
+the real `search.tracking.TrialRun` under a parent run, as a search logs them, with validation
+AUC histories chosen by the test (so the best epoch is known and is not the last) and real
+checkpoints of the trial's model. A real search, exported and evaluated, is the slow demo test
+(test_demo.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import gazetune
+from identifiers import scan_for_identifiers
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from PIL import Image
+
+from search import tracking
+from search.export import (BEST_CONFIGS, PAPER, SCORES, Trial, _by_step, best_epoch, export,
+                           importances, read_trials)
+from trainable import checkpoint
+from trainable.config import CLASS_NAMES, TrialConfig
+from trainable.errors import GazetuneError
+from trainable.loop import EpochReport
+from trainable.model import build_model
+
+STUDY = "tiny"
+QUICK = {"n_boot": 200, "figures": 1, "epochs": 3}
+# (config, validation mean AUC per epoch, pruned): the first peaks at epoch 2 of 3.
+TRIALS = [
+    ({"loss_set": "baseline", "loss_weight": 1.0, "lr": 3e-3, "dropout": 0.2},
+     [0.60, 0.80, 0.70], False),
+    ({"loss_set": "classifier", "lr": 1e-3, "dropout": 0.5}, [0.55, 0.65, 0.75], False),
+    ({"loss_set": "set2", "generator": "deconvnet", "loss_weight": 0.5, "lr": 1e-3,
+      "dropout": 0.1}, [0.50], True),
+]
+CONTRACT_KEYS = {"run_id", "config", "val", "test", "checkpoint_uri"}
+
+
+def study_in_mlflow(cache: Path, tracking_uri: str, scratch: Path, name: str = STUDY,
+                    trials=TRIALS) -> dict[str, Path]:
+    """Log `trials` into study `name` the way a search does; {run id: checkpoint folder}.
+
+    Each best epoch saves that epoch's weights (a model initialised with the epoch as seed)
+    and a heatmap-panel figure, which `TrialRun.log_epoch` uploads like a training's.
+    """
+    from trainable.figures import heatmap_panels, save_figure
+
+    experiment_id = tracking.ensure_experiment(name, tracking_uri)
+    parent = tracking.start_parent_run(experiment_id, {"name": name, "space": "paper"},
+                                       tracking_uri)
+    images = np.load(cache / "dataset.npz")["images"][:1].astype(np.float32)
+    panels = save_figure(heatmap_panels(images, images, images, images), scratch / "panels.png")
+    checkpoints = {}
+    for i, (overrides, history, pruned) in enumerate(trials):
+        folder = scratch / f"trial{i}"
+        cfg = TrialConfig.from_dict({**QUICK, **overrides, "cache": str(cache),
+                                     "checkpoint_dir": str(folder)})
+        run = tracking.TrialRun(tracking_uri, experiment_id, parent, f"t{i}", cfg.to_dict())
+        best = -math.inf
+        for epoch, auc in enumerate(history, start=1):
+            metrics = {"train/loss": 1.0 / epoch, **epoch_aucs(auc)}
+            figures, is_best = {}, auc > best
+            if is_best:
+                best = auc
+                torch.manual_seed(epoch)
+                checkpoint.save_best(folder, build_model(cfg).state_dict(), cfg.to_dict(),
+                                     {**metrics, "epoch": epoch})
+                drawn = folder / "figures" / f"val_{cfg.generator}.png"
+                drawn.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(panels, drawn)
+                figures = {drawn.name: drawn}
+            run.log_epoch(EpochReport(epoch, metrics, folder, is_best, figures))
+        run.finish(pruned=pruned)
+        checkpoints[run.run_id] = folder
+    return checkpoints
+
+
+def epoch_aucs(mean: float) -> dict[str, float]:
+    """The contract's validation keys for one epoch, the classes spread around `mean`."""
+    values = {"mean": mean, **{c: mean + d for c, d in zip(CLASS_NAMES, (0.05, 0.0, -0.05))}}
+    out = {}
+    for name, auc in values.items():
+        out.update({f"val/auc/{name}": auc, f"val/auc/{name}/lo": auc - 0.1,
+                    f"val/auc/{name}/hi": min(1.0, auc + 0.1)})
+    return out
+
+
+def identifiers(dataset: Path, cache: Path) -> set[str]:
+    """Every dicom_id, patient_id and study_id of the synthetic release, and the cache's uids."""
+    from trainable.data import load_cache
+
+    with open(dataset / "egd-cxr" / "master_sheet.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    found = {row[key] for row in rows for key in ("dicom_id", "patient_id", "study_id")}
+    return found | {str(uid) for uid in load_cache(cache).uids}
+
+
+def assert_png(path: Path) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.verify()
+    with Image.open(path) as image:
+        assert min(image.size) > 100
+
+
+def assert_metric_shape(scores: dict) -> None:
+    """{name: [auc, lo, hi]} for mean and every class; lo <= auc <= hi where defined."""
+    assert set(scores) == set(SCORES)
+    for name, value in scores.items():
+        assert len(value) == 3, name
+        auc, lo, hi = value
+        if auc is not None:
+            assert 0.0 <= lo <= auc <= hi <= 1.0, (name, value)
+
+
+@pytest.fixture(scope="module")
+def study(small_cache, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("export")
+    uri = tracking.resolve_tracking_uri(None, workdir)
+    checkpoints = study_in_mlflow(small_cache, uri, workdir / "scratch")
+    report = export(STUDY, workdir=workdir)
+    return workdir, uri, report, checkpoints
+
+
+def test_best_configs_follow_the_contract_best_first(study):
+    workdir, uri, report, checkpoints = study
+    assert report == workdir / "reports" / STUDY
+    items = json.loads((report / BEST_CONFIGS).read_text())
+    assert {item["run_id"] for item in items} == set(checkpoints)
+    for item in items:
+        assert set(item) == CONTRACT_KEYS
+        assert_metric_shape(item["val"])
+        assert item["test"] is None
+        assert item["checkpoint_uri"] == f"runs:/{item['run_id']}/checkpoint"
+        config = TrialConfig.from_dict(item["config"])  # a complete, valid trial config
+        assert config.encoder_weights is None  # not the string "None" MLflow logged
+    means = [item["val"]["mean"][0] for item in items]
+    assert means == sorted(means, reverse=True)
+
+
+def test_val_is_the_best_epoch_not_the_last(study):
+    _, uri, report, checkpoints = study
+    items = {item["run_id"]: item for item in json.loads((report / BEST_CONFIGS).read_text())}
+    client = MlflowClient(uri)
+    expected = {}
+    for run_id in items:
+        params = client.get_run(run_id).data.params
+        expected[run_id] = {"baseline": (0.80, 2), "classifier": (0.75, 3), "set2": (0.50, 1)}[
+            params["loss_set"]]
+    for run_id, (auc, epoch) in expected.items():
+        logged = epoch_aucs(auc)
+        for name in SCORES:
+            np.testing.assert_allclose(items[run_id]["val"][name], [
+                logged[f"val/auc/{name}{b}"] for b in ("", "/lo", "/hi")])
+        # The checkpoint the URI names holds that epoch.
+        saved = json.loads((checkpoints[run_id] / "best" / "metrics.json").read_text())
+        assert saved["epoch"] == epoch
+    assert [items[r]["val"]["mean"][0] for r in items] == pytest.approx([0.80, 0.75, 0.50])
+
+
+def test_best_epoch_is_the_first_peak_and_ignores_nan():
+    assert best_epoch({1: 0.6, 2: 0.8, 3: 0.7}) == 2
+    assert best_epoch({1: 0.8, 2: 0.6, 3: 0.8}) == 1  # the loop keeps the first checkpoint
+    assert best_epoch({1: math.nan, 2: 0.55}) == 2
+    assert best_epoch({1: math.nan}) is None
+    assert best_epoch({}) is None
+
+
+def test_a_step_logged_again_after_a_retry_keeps_its_latest_value():
+    history = [Metric("m", 0.9, 2000, 1), Metric("m", 0.5, 1000, 1), Metric("m", 0.7, 1500, 2)]
+    assert _by_step(history) == {1: 0.9, 2: 0.7}
+
+
+def test_summary_has_a_row_per_configuration_beside_the_papers(study):
+    _, _, report, _ = study
+    summary = (report / "summary.md").read_text()
+    lines = summary.splitlines()
+    for method in (("baseline", None), ("classifier", None), ("set2", "deconvnet")):
+        label, mean, _ = PAPER[method]
+        row = next(i for i, line in enumerate(lines) if line.startswith(f"| {label} |"))
+        assert "this study: validation" in lines[row]
+        assert lines[row + 1].startswith("| | paper: test | ") and f"{mean[0]:.3f}" in \
+            lines[row + 1]
+    assert "ran their full budget: 2" in summary and "(pruned): 1" in summary
+    # Every trial is listed, with the parameters its branch of the space searched.
+    assert "| 3 | set2/deconvnet | loss_weight=0.5, lr=0.001, dropout=0.1 | pruned | 1 |" \
+        in summary
+
+
+def test_figures_are_valid_pngs(study):
+    _, _, report, _ = study
+    names = {p.name for p in (report / "figures").iterdir()}
+    assert {"auc_by_configuration.png", "search_history.png", "importance.png",
+            "val_heatmaps_baseline.png", "val_heatmaps_classifier.png",
+            "val_heatmaps_set2_deconvnet.png"} == names
+    for name in names:
+        assert_png(report / "figures" / name)
+
+
+def test_no_identifier_in_any_report_file(study, small_dataset, small_cache):
+    _, _, report, _ = study
+    secrets = identifiers(small_dataset, small_cache)
+    assert len(secrets) > 100
+    assert scan_for_identifiers([report], secrets) == []
+    assert not list(report.rglob(".*"))  # no temporary file left behind
+
+
+def test_export_again_keeps_the_test_results_of_an_evaluation(study):
+    workdir, _, report, _ = study
+    items = json.loads((report / BEST_CONFIGS).read_text())
+    tested = {name: [0.7, 0.6, 0.8] for name in SCORES}
+    items[0]["test"] = tested
+    (report / BEST_CONFIGS).write_text(json.dumps(items))
+    export(STUDY, workdir=workdir, top_k=2)
+    again = json.loads((report / BEST_CONFIGS).read_text())
+    assert len(again) == 2
+    assert again[0]["run_id"] == items[0]["run_id"] and again[0]["test"] == tested
+    assert again[1]["test"] is None
+
+
+def test_cli_export_to_another_folder(study, tmp_path):
+    workdir, uri, _, _ = study
+    done = gazetune("export", STUDY, "--tracking-uri", uri, "--reports", str(tmp_path),
+                    "--top-k", "1", cwd=workdir, check=False)
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads((tmp_path / STUDY / BEST_CONFIGS).read_text())) == 1
+
+
+def test_export_of_an_unknown_study_names_it(study):
+    workdir, uri, _, _ = study
+    with pytest.raises(GazetuneError, match="no study 'nope'"):
+        export("nope", workdir=workdir)
+    assert [t.state for t in read_trials(uri, STUDY)] == ["COMPLETE", "COMPLETE", "PRUNED"]
+
+
+def _trial(number: int, value: float | None, state: str = "COMPLETE", **params) -> Trial:
+    config = TrialConfig.from_dict(params).to_dict()
+    return Trial(run_id=f"r{number}", number=number,
+                 status="FINISHED" if state != "FAIL" else "FAILED", pruned=state == "PRUNED",
+                 params={k: str(v) for k, v in config.items()}, epochs=3, epoch=3,
+                 val=None if value is None else {"mean": [value, value - 0.1, value + 0.1]})
+
+
+def test_importances_leave_out_conditional_parameters_and_pruned_trials():
+    rng = np.random.default_rng(0)
+    trials = []
+    for i in range(12):
+        lr = float(10 ** rng.uniform(-5, -2))
+        loss_set = ("classifier", "set1", "set3")[i % 3]
+        params = {"loss_set": loss_set, "lr": lr, "dropout": float(rng.uniform(0, 0.5))}
+        if loss_set != "classifier":
+            params.update(generator="deconvnet", loss_weight=1.0)
+        if loss_set == "set3":
+            params["r"] = 0.5
+        # The score follows the learning rate only.
+        trials.append(_trial(i + 1, 0.5 + 0.1 * (math.log10(lr) + 5), **params))
+    trials.append(_trial(13, 0.99, "PRUNED", loss_set="classifier", lr=1e-3, dropout=0.1))
+    values, note = importances(trials, "paper")
+    assert set(values) == {"loss_set", "lr", "dropout"}  # generator, r, loss_weight: conditional
+    assert max(values, key=values.get) == "lr"
+    assert note == "fANOVA over 12 completed trials"
+
+
+def test_importances_of_too_few_trials_are_empty_with_a_reason():
+    trials = [_trial(1, 0.6, lr=1e-3), _trial(2, 0.7, lr=1e-4), _trial(3, None, "FAIL")]
+    values, note = importances(trials, "paper")
+    assert values == {} and "too few" in note
