@@ -88,7 +88,9 @@ def train(
         is_best = best_epoch == 0 or metrics[METRIC] > best_auc
         figures = {}
         if is_best:
-            best_auc, best_epoch = metrics[METRIC], epoch + 1
+            # NaN (a class missing from validation) must not block every later epoch.
+            best_auc = metrics[METRIC] if math.isfinite(metrics[METRIC]) else -math.inf
+            best_epoch = epoch + 1
             checkpoint.save_best(ckdir, _cpu_state(model), cfg.to_dict(),
                                  {**metrics, "epoch": epoch + 1})
             if cfg.figures:
