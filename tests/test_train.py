@@ -98,8 +98,9 @@ def test_config_errors_name_the_key():
         TrialConfig.from_dict({"lr": [0.1]})
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["lr0.1"])
-    assert TrialConfig.from_dict(parse_overrides(["lr=0.01", "augment=false",
-                                                  "encoder_weights=none"])).lr == 0.01
+    cfg = TrialConfig.from_dict(parse_overrides(["lr=0.01", "augment=false",
+                                                 "encoder_weights=None"]))
+    assert (cfg.lr, cfg.augment, cfg.encoder_weights) == (0.01, False, None)
 
 
 def test_cyclic_schedule_matches_the_dataset_authors():

@@ -104,10 +104,10 @@ def _coerce(key: str, value, hint):
     if value is None and type(None) in allowed:
         return None
     base = next(t for t in allowed if t is not type(None))
+    if isinstance(value, str) and type(None) in allowed and value.strip().lower() in ("none", "null"):
+        return None  # `encoder_weights=None` on the command line means no file
     if isinstance(value, str) and base is not str:
         text = value.strip()
-        if text.lower() in ("none", "null") and type(None) in allowed:
-            return None
         try:
             if base is bool:
                 if text.lower() not in ("true", "false", "1", "0"):
