@@ -189,6 +189,7 @@ class TrialRun:
         self.config = dict(config)
         self._client = _client(tracking_uri)
         self._pending: list = []  # metrics not yet accepted by the store, oldest first
+        self._last_step: dict[str, int] = {}  # per key, the last epoch the run holds
         tags = {k: str(v) for k, v in {**_ray_node_tags(), **(tags or {})}.items()}
         found = self._retry(lambda: find_trial_run(self._client, experiment_id, trial_id),
                             "looking up the trial's run")
@@ -211,6 +212,8 @@ class TrialRun:
                                 f"clearing tag {key}")
             if tags:
                 self._set_tags(tags)
+            self._last_step = self._retry(lambda: _last_steps(self._client, found),
+                                          "reading the trial's logged epochs")
         _log_new_params(self._client, self.run_id, flatten(self.config), tracking_uri,
                         retry=self._retry)
         self._retry(lambda: self._client.log_dict(self.run_id, _jsonable(self.config),
@@ -223,9 +226,14 @@ class TrialRun:
         from mlflow.entities import Metric
 
         now = _now_ms()
+        # A resumed trial repeats the epochs after its last Tune checkpoint; the run was sent
+        # them before the interruption (metrics go to MLflow before Tune), and MLflow would keep
+        # both values. The first one stays: the run shows each epoch once.
+        new = {k: v for k, v in report.metrics.items()
+               if report.epoch > self._last_step.get(k, 0)}
         # The timestamp is fixed here: a batch sent again after a lost reply is then identical.
-        self._pending += [Metric(k, float(v), now, report.epoch)
-                          for k, v in report.metrics.items()]
+        self._pending += [Metric(k, float(v), now, report.epoch) for k, v in new.items()]
+        self._last_step.update(dict.fromkeys(new, report.epoch))
         self._flush()
         if report.is_best:
             best = Path(report.checkpoint_dir) / "best"
@@ -278,6 +286,14 @@ def finish_trial_run(tracking_uri: str, experiment_id: str, trial_id: str, statu
 
     _terminate(client, found.info.run_id, status, pruned, failure, retry)
     return found.info.run_id
+
+
+def _last_steps(client, run) -> dict[str, int]:
+    """The highest step logged for each metric of `run` (one history request per key: only
+    when a trial resumes)."""
+    return {key: max((m.step for m in client.get_metric_history(run.info.run_id, key)),
+                     default=0)
+            for key in run.data.metrics}
 
 
 def find_trial_run(client, experiment_id: str, trial_id: str):

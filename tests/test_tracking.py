@@ -80,11 +80,12 @@ def test_a_retried_trial_continues_its_one_run(store, tmp_path):
     first = TrialRun(uri, experiment_id, parent, "a_00001", CONFIG)
     for epoch in (1, 2):
         first.log_epoch(epoch_report(tmp_path, epoch, 0.5 + epoch / 10, is_best=True))
-    # The worker dies here; Ray retries the trial from its epoch-2 checkpoint in a new process.
+    # The worker dies after sending epoch 2 to MLflow but before Tune kept its checkpoint; Ray
+    # retries the trial from its epoch-1 checkpoint in a new process, so epoch 2 comes again.
     retry = TrialRun(uri, experiment_id, parent, "a_00001", {**CONFIG, "checkpoint_dir": "/x"})
     assert retry.run_id == first.run_id
     assert MlflowClient(uri).get_run(first.run_id).info.status == "RUNNING"
-    for epoch in (3, 4):
+    for epoch in (2, 3, 4):
         retry.log_epoch(epoch_report(tmp_path, epoch, 0.4, is_best=False))
     retry.finish()
 
@@ -93,8 +94,10 @@ def test_a_retried_trial_continues_its_one_run(store, tmp_path):
     runs = tracking.find_trial_runs(uri, "study")  # the children only, not the parent
     assert sorted(r.data.tags["ray.trial_id"] for r in runs) == ["a_00001", "a_00002"]
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent}
-    assert history(uri, first.run_id) == [1, 2, 3, 4]
+    assert history(uri, first.run_id) == [1, 2, 3, 4]  # each epoch once
     assert history(uri, first.run_id, "val/auc/CHF/hi") == [1, 2, 3, 4]
+    chf = MlflowClient(uri).get_metric_history(first.run_id, "val/auc/CHF")
+    assert [m.value for m in sorted(chf, key=lambda m: m.step)] == [0.6, 0.7, 0.4, 0.4]
     params = MlflowClient(uri).get_run(first.run_id).data.params
     assert params == {k: str(v) for k, v in {**CONFIG, "checkpoint_dir": "/x"}.items()}
 
