@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts,
 
 import bench_metrics  # noqa: E402
 import bench_saliency  # noqa: E402
-from bench_saliency import build, device_name, print_steps, timed  # noqa: E402
+from bench_saliency import build, print_steps, timed  # noqa: E402
+from machine import device_name  # noqa: E402
 
 from trainable.augment import random_affine  # noqa: E402
 from trainable.config import TrialConfig  # noqa: E402

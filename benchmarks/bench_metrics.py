@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -18,17 +19,11 @@ from sklearn.metrics import roc_auc_score
 
 from trainable.metrics import bootstrap_auc, multiplicity, resample_indices, weighted_auc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
+from machine import cpu_name  # noqa: E402
+
 NAMES = ("Normal", "CHF", "pneumonia")
 COUNTS = (30, 42, 36)  # class counts of the 108-image test split
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def synthetic_predictions(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -14,8 +14,8 @@ the device, the best and median step times and their ratios to the plain step (i
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -24,18 +24,8 @@ import torch
 from trainable.generators import saliency
 from trainable.losses import loss_terms
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    name = platform.processor() or platform.machine()
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"CPU {name}, {torch.get_num_threads()} threads"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
+from machine import device_name  # noqa: E402
 
 
 def build(size: int, batch: int, device: torch.device, channels_last: bool):

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainable.forward_swap import Switch, swapped_forwards
+
 RULES = ("gradient", "guided_backprop", "deconvnet")
 
 
@@ -92,18 +94,11 @@ def activation_of(module: nn.Module) -> Activation | None:
     return None
 
 
-class _Switch:
-    """Whether the modified rule is in force; shared by the graph nodes of one map pass."""
-
-    def __init__(self) -> None:
-        self.on = True
-
-
 class _RuleActivation(torch.autograd.Function):
     """An activation whose backward applies `rule` while the switch is on, the exact rule after."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, activation: Activation, rule: str, switch: _Switch) -> Tensor:
+    def forward(ctx, x: Tensor, activation: Activation, rule: str, switch: Switch) -> Tensor:
         ctx.save_for_backward(x)
         ctx.activation, ctx.rule, ctx.switch = activation, rule, switch
         return activation.fn(x)
@@ -136,26 +131,16 @@ def modified_activations(model: nn.Module, rule: str):
     """
     if rule not in RULES:
         raise KeyError(f"unknown backward rule {rule!r}; valid: {', '.join(RULES)}")
-    switch = _Switch()
-    swapped = []
-    try:
-        for module in model.modules():
-            activation = activation_of(module)
-            if activation is None:
-                continue
-            swapped.append((module, module.__dict__.get("forward")))
-            module.forward = _rule_forward(activation, rule, switch)
+
+    def rule_forward(module: nn.Module, switch: Switch) -> Callable | None:
+        activation = activation_of(module)
+        return None if activation is None else _rule_forward(activation, rule, switch)
+
+    with swapped_forwards(model, rule_forward):
         yield
-    finally:
-        switch.on = False
-        for module, own_forward in swapped:
-            if own_forward is None:
-                del module.forward
-            else:
-                module.forward = own_forward
 
 
-def _rule_forward(activation: Activation, rule: str, switch: _Switch) -> Callable:
+def _rule_forward(activation: Activation, rule: str, switch: Switch) -> Callable:
     def forward(x: Tensor) -> Tensor:
         return _RuleActivation.apply(x, activation, rule, switch)
 

@@ -28,12 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-
-class _Switch:
-    """On while the map is computed: then only input gradients are asked for."""
-
-    def __init__(self) -> None:
-        self.on = True
+from trainable.forward_swap import Switch, swapped_forwards
 
 
 class GroupedConv2d(torch.autograd.Function):
@@ -81,7 +76,7 @@ class GroupedConv2d(torch.autograd.Function):
 
 
 def grouped_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                   switch: _Switch | None = None) -> Tensor:
+                   switch: Switch | None = None) -> Tensor:
     """`F.conv2d` through `GroupedConv2d` (numeric padding only)."""
     return GroupedConv2d.apply(
         input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups, switch
@@ -96,7 +91,7 @@ class _RouteGroupedConvs(TorchFunctionMode):
     module's own forward under the mode keeps every one of them exact.
     """
 
-    def __init__(self, switch: _Switch) -> None:
+    def __init__(self, switch: Switch) -> None:
         super().__init__()
         self.switch = switch
 
@@ -129,25 +124,16 @@ def fast_grouped_convs(model: nn.Module):
     to the input or a feature, as the generators do); on exit the graph nodes compute weight
     gradients too.
     """
-    switch = _Switch()
-    swapped = []
-    try:
-        for module in model.modules():
-            if is_grouped_conv(module):
-                own_forward = module.__dict__.get("forward")
-                swapped.append((module, own_forward))
-                module.forward = _routed_forward(module.forward, switch)
+
+    def routed_forward(module: nn.Module, switch: Switch) -> Callable | None:
+        # While the switch is on, only input gradients are asked for.
+        return _routed_forward(module.forward, switch) if is_grouped_conv(module) else None
+
+    with swapped_forwards(model, routed_forward):
         yield
-    finally:
-        switch.on = False
-        for module, own_forward in swapped:
-            if own_forward is None:
-                del module.forward
-            else:
-                module.forward = own_forward
 
 
-def _routed_forward(forward: Callable, switch: _Switch) -> Callable:
+def _routed_forward(forward: Callable, switch: Switch) -> Callable:
     def routed(*args, **kwargs):
         with _RouteGroupedConvs(switch):
             return forward(*args, **kwargs)
