@@ -16,7 +16,7 @@ from data_fixtures import fake_images, tables, write_release
 
 from search.cli import main
 from trainable.data import load_cache, prepare, read_dicom, read_release, static_heatmap
-from trainable.data.cache import PREPROCESS_VERSION, _atomic_write, _resize
+from trainable.data.cache import PREPROCESS_VERSION, _atomic_write, _resize, _uid
 from trainable.errors import CacheError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +108,13 @@ def test_unusable_inputs_are_skipped_and_named(hand_made, tmp_path, capsys):
     assert "skipped 4 input(s):" in printed and "master_sheet.csv row 2" in printed
     cache = load_cache(tmp_path / "cache")
     assert len(cache) == 5 and len(cache.manifest["skipped"]) == 4
+    # The manifest keeps each reason but names the image by its uid: a path holds MIMIC ids.
+    kept = {s["source"]: s["reason"] for s in cache.manifest["skipped"]}
+    uid = _uid(cache.manifest["salt"], data.images[0].dicom_id)
+    assert kept["master_sheet.csv row 1"] == reasons["master_sheet.csv row 1"].replace(
+        str(broken), f"image {uid}")
+    assert str(mimic) not in (tmp_path / "cache" / "manifest.json").read_text()
+    assert str(broken) in printed  # the terminal summary names the file for the user
 
 
 def test_on_error_fail_writes_no_dataset_and_the_cli_exits_non_zero(hand_made, tmp_path, capsys):

@@ -5,44 +5,110 @@ A trial's checkpoint folder holds:
     best/model.pt   the weights of the best validation epoch so far
     best/config.json, best/metrics.json
 Each file is written to a temporary name in the same folder and moved into place, so a process
-killed mid-write leaves the previous file intact. All `torch.load` calls use weights_only=True.
+killed mid-write, or a write that fails (disk full, quota), leaves the previous file intact;
+the three files of best/ move into place together. All `torch.load` calls use weights_only=True.
+
+`atomic_write` is the project's one way to write a file in place (the data cache uses it too);
+torch is imported only where a checkpoint is saved or loaded, so data preparation stays light.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
+import secrets
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from pathlib import Path
-
-import torch
 
 from trainable.errors import GazetuneError
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then move the file to `path` in one step."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+class WriteError(GazetuneError):
+    """A file or folder that cannot be written (disk full, read-only, not a folder); the
+    message names it and gives the operating system's reason."""
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Create `folder` if needed and prove that a file can be written and removed there.
+
+    Run before any long work, so an unusable folder is refused at once instead of after hours
+    of decoding or training.
+
+    Args:
+        folder: the folder to probe.
+        what: what the folder is for, for the message (e.g. "cache folder").
+
+    Raises:
+        WriteError: naming the folder and the operating system's reason.
+    """
+    folder = Path(folder)
+    probe = folder / f".gazetune-probe-{secrets.token_hex(4)}"
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "xb") as file:
+            file.write(b"probe")  # a few bytes: creating an empty file can succeed on a full disk
+        probe.unlink()
+    except OSError as err:
+        with suppress(OSError):  # the probe may never have been created
+            probe.unlink()
+        raise WriteError(f"{what} {folder} is not writable: {_reason(err)}") from None
+    return folder
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp_path)`, then move the file to `path` in one step.
+
+    Raises:
+        WriteError: the file cannot be written (its folder cannot be created, the disk is
+            full, ...): it names `path`; the previous file, if any, is left as it was.
+    """
+    atomic_write_all({Path(path): write})
+
+
+def atomic_write_all(writes: Mapping[Path, Callable[[Path], object]]) -> None:
+    """Write several files each to a temporary name, then move them all into place.
+
+    A failure while writing (the likely moment for a full disk) leaves every target as it was:
+    nothing is replaced until every file is written, and a rename needs no new space.
+
+    Raises:
+        WriteError: naming the file that could not be written.
+    """
+    temporary: dict[Path, Path] = {}
+    path = None
+    try:
+        for path, write in writes.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A unique name opened with O_EXCL, created as open() creates files (the umask
+            # applies), unlike mkstemp's owner-only 0600: caches and checkpoints are shared.
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            open(tmp, "xb").close()
+            temporary[path] = tmp
+            write(tmp)
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
+    except OSError as err:
+        _remove(temporary.values())
+        raise WriteError(f"cannot write {path}: {_reason(err)}") from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(temporary.values())
         raise
 
 
 def save_torch(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: tmp.write_bytes(_torch_bytes(obj)))
 
 
 def save_json(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True)))
+    atomic_write(path, lambda tmp: tmp.write_text(_json(obj)))
 
 
 def load_torch(path: Path):
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -52,10 +118,15 @@ def load_torch(path: Path):
 
 
 def save_best(folder: Path, model_state: dict, config: dict, metrics: dict) -> None:
+    """Replace best/ as a whole: a failed write keeps the previous best epoch's three files."""
     best = Path(folder) / "best"
-    save_torch(model_state, best / "model.pt")
-    save_json(config, best / "config.json")
-    save_json(metrics, best / "metrics.json")  # last: its presence marks a complete best/
+    model = _torch_bytes(model_state)
+    atomic_write_all({
+        best / "model.pt": lambda tmp: tmp.write_bytes(model),
+        best / "config.json": lambda tmp: tmp.write_text(_json(config)),
+        # Moved into place last: its presence marks a complete best/.
+        best / "metrics.json": lambda tmp: tmp.write_text(_json(metrics)),
+    })
 
 
 def load_best(folder: Path) -> tuple[dict, dict, dict]:
@@ -66,3 +137,31 @@ def load_best(folder: Path) -> tuple[dict, dict, dict]:
     config = json.loads((best / "config.json").read_text())
     metrics = json.loads((best / "metrics.json").read_text())
     return load_torch(best / "model.pt"), config, metrics
+
+
+def _torch_bytes(obj) -> memoryview:
+    """`torch.save` into memory; the caller writes the bytes.
+
+    torch's own file writer reports a full disk as "RuntimeError: [enforce fail ...]
+    unexpected pos", losing the reason; a plain write raises the OSError that names it.
+    """
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
+
+
+def _reason(err: OSError) -> str:
+    if isinstance(err, FileExistsError):  # mkdir's "File exists" for a file in the way
+        return f"{err.filename} is a file, not a folder"
+    return err.strerror or str(err)
+
+
+def _remove(paths) -> None:
+    for tmp in paths:
+        tmp.unlink(missing_ok=True)

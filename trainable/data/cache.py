@@ -7,11 +7,15 @@ Layout of a cache folder:
                         image's fixations, the parameters, PREPROCESS_VERSION), so a rerun
                         decodes only what changed.
     dataset.npz         all images stacked, loaded without pickle by `load_cache`.
-    manifest.json       version, parameters, input hash, counts, the uid salt, skipped inputs.
+    manifest.json       version, parameters, input hash, counts, the uid salt, skipped inputs
+                        (a DICOM path in a reason is replaced by the image's uid: paths hold
+                        MIMIC subject and study ids).
 
-Every file is written to a temporary name in its folder and renamed into place, so a killed
-prepare leaves only complete files under their real names. A dataset and its manifest carry
-the same input hash: a pair from different runs is refused.
+Every file is written to a temporary name in its folder and renamed into place
+(`trainable.checkpoint.atomic_write`), so a killed prepare, or one that ran out of disk, leaves
+only complete files under their real names; the dataset and its manifest move into place
+together. A dataset and its manifest carry the same input hash: a pair from different runs is
+refused. An unwritable cache folder is refused before anything is decoded.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from trainable.checkpoint import WriteError, atomic_write, atomic_write_all, check_writable
 from trainable.data.dicom import read_dicom
 from trainable.data.egd import LABELS, ImageRecord, Release, Skip, read_release
 from trainable.data.heatmaps import SIGMA, fixation_map, static_heatmap
@@ -132,13 +137,17 @@ def prepare(
     Raises:
         DataError: a missing table or required column, a subset name not in the master sheet,
             or no usable image at all.
+        WriteError: the cache folder is not writable (before any decoding), or a write failed
+            (disk full): entries written before it are kept for the rerun, and a complete cache
+            already in the folder is left as it was.
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
     started = time.perf_counter()
     cache = Path(cache)
     release = read_release(egd_root, mimic_root, subset)  # a bad table fails before any write
-    (cache / ENTRIES).mkdir(parents=True, exist_ok=True)
+    for folder in (cache, cache / ENTRIES):
+        check_writable(folder, "cache folder")
     params = {"size": size, "sigma": sigma, "resize": "PIL bilinear, antialiased",
               "version": PREPROCESS_VERSION}
 
@@ -154,7 +163,9 @@ def prepare(
         return summary
 
     pending = [(record, entry) for record, entry in tasks if not entry.is_file()]
-    failures = _build_entries(pending, size, sigma, workers or os.cpu_count() or 1, len(tasks))
+    with _entries_kept():
+        failures = _build_entries(pending, size, sigma, workers or os.cpu_count() or 1,
+                                  len(tasks))
     entries, used = [], []
     for record, entry in tasks:
         if record.dicom_id in failures:
@@ -167,6 +178,7 @@ def prepare(
 
     salt = manifest.get("salt") or secrets.token_hex(16)  # kept across reruns: uids stay put
     dataset = _stack(entries, used, salt)
+    uid_of = {str(r.dicom): _uid(salt, r.dicom_id) for r in release.records}
     counts = _counts(dataset["labels"], dataset["split"])
     summary = PrepareSummary(
         cache=cache, written=not (skipped and on_error == "fail"), images=len(used),
@@ -174,17 +186,22 @@ def prepare(
         seconds=time.perf_counter() - started,
     )
     if summary.written:
-        # The dataset first: a manifest is only ever written beside its own dataset.
-        _atomic_write(cache / DATASET, lambda f: np.savez(f, input_hash=input_hash, **dataset))
         manifest = {
             "version": PREPROCESS_VERSION, "params": params, "input_hash": input_hash,
             "salt": salt, "images": len(used), "labels": list(LABELS), "counts": counts,
-            "skipped": [{"source": s.source, "reason": s.reason} for s in skipped],
+            "skipped": [_without_paths(s, uid_of) for s in skipped],
             "ignored_fixation_rows": release.ignored_fixation_rows,
             "off_image_fixations": release.off_image_fixations,
         }
         text = json.dumps(manifest, indent=2).encode()
-        _atomic_write(cache / MANIFEST, lambda f: f.write(text))
+        # Together: a failed write (disk full) leaves the previous dataset and manifest as a
+        # pair; the manifest moves last, so a manifest is only ever beside its own dataset.
+        with _entries_kept():
+            atomic_write_all({
+                cache / DATASET: _to_file(lambda f: np.savez(f, input_hash=input_hash,
+                                                             **dataset)),
+                cache / MANIFEST: _to_file(lambda f: f.write(text)),
+            })
     print(summary)
     return summary
 
@@ -275,10 +292,14 @@ def _build_entries(
         with ProcessPoolExecutor(min(workers, len(pending)), initializer=_one_thread) as pool:
             futures = {pool.submit(build_entry, record, size, sigma, entry): record
                        for record, entry in pending}
-            for future in as_completed(futures):
-                if (reason := future.result()) is not None:
-                    failures[futures[future].dicom_id] = reason
-                bar.update()
+            try:
+                for future in as_completed(futures):
+                    if (reason := future.result()) is not None:
+                        failures[futures[future].dicom_id] = reason
+                    bar.update()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # a full disk: no point decoding the rest
+                raise
     return failures
 
 
@@ -308,8 +329,21 @@ def _read_entry(entry: Path, size: int) -> dict[str, np.ndarray] | None:
     return arrays if all(a.shape == (size, size) for a in arrays.values()) else None
 
 
+def _uid(salt: str, dicom_id: str) -> str:
+    return hashlib.sha256(f"{salt}:{dicom_id}".encode()).hexdigest()[:UID_HEX]
+
+
+def _without_paths(skip: Skip, uid_of: dict[str, str]) -> dict:
+    """A skipped input for the manifest: each DICOM path (it holds the MIMIC subject and study
+    ids) replaced by the image's uid; the terminal summary keeps the path for the user."""
+    source, reason = skip.source, skip.reason
+    for path, uid in uid_of.items():
+        source, reason = source.replace(path, f"image {uid}"), reason.replace(path, f"image {uid}")
+    return {"source": source, "reason": reason}
+
+
 def _stack(entries: list[dict], records: list[ImageRecord], salt: str) -> dict[str, np.ndarray]:
-    uids = [hashlib.sha256(f"{salt}:{r.dicom_id}".encode()).hexdigest()[:UID_HEX] for r in records]
+    uids = [_uid(salt, r.dicom_id) for r in records]
     return {
         "images": np.stack([e["image"] for e in entries]),
         "heatmaps": np.stack([e["heatmap"] for e in entries]),
@@ -376,14 +410,27 @@ def _read_manifest(cache: Path) -> dict:
         raise CacheError(f"{cache / MANIFEST}: unreadable manifest ({err})") from err
 
 
-def _atomic_write(target: Path, write: Callable) -> None:
-    """Write through a temporary file in the same folder, then rename it into place."""
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+@contextmanager
+def _entries_kept():
+    """A failed write (disk full) also says that no decoded entry is lost."""
     try:
-        with os.fdopen(fd, "wb") as file:
+        yield
+    except WriteError as err:
+        raise WriteError(f"{err} (the entries written so far are kept: run prepare again once "
+                         f"there is room)") from None
+
+
+def _atomic_write(target: Path, write: Callable) -> None:
+    """`atomic_write` with `write(file)` given an open binary file."""
+    atomic_write(target, _to_file(write))
+
+
+def _to_file(write: Callable) -> Callable[[Path], None]:
+    """`write(file)` as a writer of a temporary path: np.savez given a file name not ending in
+    .npz would write to that name plus .npz."""
+
+    def to_path(tmp: Path) -> None:
+        with open(tmp, "wb") as file:
             write(file)
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the cache from other users
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    return to_path
