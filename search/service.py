@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -98,6 +99,9 @@ class SearchSettings:
                                 f"another --storage") from None
         except (TypeError, ValueError) as err:
             raise GazetuneError(f"search settings {path} cannot be read: {err}") from None
+        except OSError as err:  # e.g. --storage under a regular file
+            raise GazetuneError(f"search settings {path} cannot be read: "
+                                f"{err.strerror or err}") from None
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ def resume_search(name: str, storage: str = "ray_results", tracking_uri: str | N
                       else settings.tracking_uri),
         address=address or settings.address,
     )
+    _check_storage(settings)
     settings.save()
     with _ray(settings.address):
         tracking.start_parent_run(settings.experiment_id, _params(settings),
@@ -341,10 +346,23 @@ def _check(settings: SearchSettings) -> None:
     if not _is_uri(settings.cache) and not Path(settings.cache).is_dir():
         raise GazetuneError(f"cache {settings.cache} does not exist: run `gazetune prepare` "
                             f"first or pass --cache")
+    _check_storage(settings)
     if _exists(f"{settings.path}/{SETTINGS_FILE}") or Tuner.can_restore(settings.path):
         raise GazetuneError(f"a search named {settings.name!r} already exists at "
                             f"{settings.path}: `gazetune resume {settings.name}` continues it, "
                             f"or choose another --name")
+
+
+def _check_storage(settings: SearchSettings) -> None:
+    """Refuse local folders the search cannot write (Tune's storage, the embedded MLflow store)
+    before Ray starts, rather than when the first trial reports."""
+    from trainable.checkpoint import check_writable
+
+    if not _is_uri(settings.storage):
+        check_writable(settings.storage, "search storage (--storage)")
+    if settings.tracking_uri.startswith("sqlite:///"):
+        check_writable(Path(settings.tracking_uri.removeprefix("sqlite:///")).parent,
+                       "MLflow store folder (the working directory unless --tracking-uri)")
 
 
 def _check_fixed(space: Callable, settings: SearchSettings) -> None:
@@ -375,17 +393,20 @@ def _finish(settings: SearchSettings, grid) -> SearchSummary:
                  for r in ended)
     interrupted = len(ended) < settings.samples
     best = None
-    if any(METRIC in r.metrics for r in grid):
-        best = _best_trial(settings, grid)
+    # A failed trial (diverged, out of memory, crashed past max_failures) is never the best:
+    # `gazetune export` ranks finished runs only, and the summary must agree with it.
+    scored = [r for r in grid if r.error is None and METRIC in r.metrics]
+    if scored:
+        best = _best_trial(settings, scored)
         if not interrupted:  # this ends the parent run, which a resume would reopen
             tracking.log_parent_result(settings.parent_run_id, best, settings.tracking_uri)
     return SearchSummary(settings.name, settings.path, len(ended) - failed - pruned, pruned,
                          failed, interrupted, best)
 
 
-def _best_trial(settings: SearchSettings, grid) -> dict:
+def _best_trial(settings: SearchSettings, results: list) -> dict:
     """The trial with the best validation epoch: its run, full config and that epoch's metrics."""
-    result = grid.get_best_result(METRIC, "max", scope="all")
+    result = max(results, key=_peak)
     history = result.metrics_dataframe
     epoch = history.loc[history[METRIC].idxmax()]
     trial_id = result.metrics["trial_id"]
@@ -397,6 +418,13 @@ def _best_trial(settings: SearchSettings, grid) -> dict:
     return {"trial_id": trial_id, "run_id": run_ids.get(trial_id), "config": config,
             "epoch": int(epoch["training_iteration"]),
             "metrics": {k: float(v) for k, v in epoch.items() if k.startswith("val/")}}
+
+
+def _peak(result) -> float:
+    """A trial's best finite validation score; -inf when it has none."""
+    values = result.metrics_dataframe[METRIC]
+    values = values[values.map(math.isfinite)]
+    return float(values.max()) if len(values) else -math.inf
 
 
 def _params(settings: SearchSettings) -> dict:
@@ -473,7 +501,8 @@ class ProgressPrinter(Callback):
         pruned = sum(stopped_early(t, self.max_t) for t in ended)
         line = (f"{len(ended)}/{self.total} trials done ({pruned} pruned), "
                 f"{status.count('ERROR')} failed, {status.count('RUNNING')} running")
-        scored = [(v, t) for t in trials if (v := _best_value(t)) is not None]
+        scored = [(v, t) for t in trials
+                  if t.status != "ERROR" and (v := _best_value(t)) is not None]
         if scored:
             value, trial = max(scored, key=lambda pair: pair[0])
             line += f"; best {METRIC} {value:.3f} (trial {trial.trial_id}: " \

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ray.tune import Callback, Checkpoint
 
 from search import tracking
 from trainable.config import TrialConfig
+from trainable.errors import DivergedError
 
 SETTINGS_ENV = "GAZETUNE_SEARCH_SETTINGS"  # the running search's settings file, for callbacks
 
@@ -61,6 +63,15 @@ def trial_fn(config: dict, setup: TrialSetup, train: Callable | None = None) -> 
     if train is None:
         from trainable.loop import train
     trial_id = tune.get_context().get_trial_id()
+    # A diverged trial would diverge again: a retry starts from the same checkpoint with the
+    # same seeds. Tune retries every error alike (up to `max_failures`), so the first attempt
+    # leaves the reason in the working directory, which Ray 2.60 keeps for the trial across
+    # its retries in one session (checked), and a retry fails at once with it. (A retry on
+    # another node, or after `gazetune resume`, has a new directory: it trains again from the
+    # last checkpoint, at most the one epoch up to the divergence.)
+    diverged = Path.cwd() / f"diverged-{trial_id}"
+    if diverged.is_file():
+        raise DivergedError(diverged.read_text())
     # Ray runs each trial in its own working directory; the state written there is copied to
     # the search's storage by every `tune.report`, which is what a retry starts from.
     state = Path.cwd() / f"state-{trial_id}"
@@ -80,7 +91,11 @@ def trial_fn(config: dict, setup: TrialSetup, train: Callable | None = None) -> 
         tune.report(dict(epoch_report.metrics),
                     checkpoint=Checkpoint.from_directory(epoch_report.checkpoint_dir))
 
-    train(trial_config, report=report, resume_from=resume_from)
+    try:
+        train(trial_config, report=report, resume_from=resume_from)
+    except DivergedError as err:
+        diverged.write_text(str(err))
+        raise
 
 
 class TrialRunCloser(Callback):
@@ -124,4 +139,7 @@ def failure_reason(trial) -> str:
     local = Path(trial.error_file) if trial.error_file else None
     text = local.read_text() if local and local.is_file() else trial.get_error() or ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "the trial failed (no error recorded)"
+    if not lines:
+        return "the trial failed (no error recorded)"
+    # A traceback names the project's exceptions with their module (trainable.errors.X).
+    return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", lines[-1])

@@ -15,3 +15,8 @@ class CacheError(DataError):
 
 class DivergedError(GazetuneError):
     """Training produced a NaN or infinite loss; the message says where and which term."""
+
+
+class OutOfGpuMemory(GazetuneError):
+    """A trial ran out of device memory; the message names the device, the batch and image
+    size, the trial's GPU share and what to change."""

@@ -11,6 +11,7 @@ import math
 import shutil
 import tempfile
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -23,7 +24,7 @@ import torch
 from trainable import checkpoint
 from trainable.augment import random_affine
 from trainable.config import CLASS_NAMES, USES_GENERATOR, ConfigError, TrialConfig
-from trainable.errors import DivergedError
+from trainable.errors import DivergedError, OutOfGpuMemory
 from trainable.model import build_model, calibrate_batchnorm, split_outputs
 
 METRIC = "val/auc/mean"  # what model selection (here) and the search (ASHA, Optuna) maximise
@@ -43,17 +44,63 @@ def train(
     report: Callable[[EpochReport], None] | None = None,
     resume_from: str | Path | None = None,
 ) -> dict:
-    """Train one configuration; returns the last epoch's metrics plus the best epoch's."""
+    """Train one configuration; returns the last epoch's metrics plus the best epoch's.
+
+    Out of memory anywhere in training (`torch.OutOfMemoryError`) ends it with `OutOfGpuMemory`:
+    one line naming the device, batch size, image size and GPU share, and what to change. The
+    trial's memory is released first (on CUDA, `empty_cache` returns it to the device), so
+    trials sharing the GPU can use it at once. Under a search the policy is Tune's usual one:
+    the trial is retried from its last checkpoint, up to `max_failures` times, since an OOM
+    among trials that share a GPU is often transient (a neighbour's peak); a configuration that
+    never fits fails with the message.
+    """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    if cfg.checkpoint_dir:  # refused before any work, not when the first epoch is saved
+        checkpoint.check_writable(cfg.checkpoint_dir, "checkpoint folder")
     device = _device(cfg)
+    from trainable.data import load_cache
+
+    cache = load_cache(cfg.cache)
+    try:
+        return _train(cfg, device, cache, report, resume_from)
+    except torch.OutOfMemoryError as err:
+        failure = out_of_memory(cfg, device, image_size=cache.images.shape[-1])
+        # The frames of the failed step hold the model, the batch and its activations: clearing
+        # them lets `empty_cache` return that memory now, not when the process is torn down.
+        traceback.clear_frames(err.__traceback__)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise failure from err
+
+
+def out_of_memory(cfg: TrialConfig, device: torch.device, image_size: int) -> OutOfGpuMemory:
+    """The one-line error for a trial that ran out of memory on `device` (read its peak there)."""
+    share = (f"gpu_memory_fraction={cfg.gpu_memory_fraction:g}" if cfg.gpu_memory_fraction
+             else "gpu_memory_fraction=0 (no cap)")
+    where, peak, advice = str(device), "", ""
+    if device.type == "cuda":
+        gib = 2.0**30
+        total = torch.cuda.get_device_properties(device).total_memory
+        where += f" ({total / gib:.1f} GiB)"
+        if cfg.gpu_memory_fraction:
+            share += f" ({cfg.gpu_memory_fraction * total / gib:.1f} GiB)"
+        peak = f", peak allocated {torch.cuda.max_memory_allocated(device) / gib:.2f} GiB"
+        advice = (" or give each trial a larger GPU share (--gpus-per-trial: fewer trials per "
+                  "GPU)")
+    return OutOfGpuMemory(
+        f"out of memory on {where} training batch_size={cfg.batch_size} at {image_size}x"
+        f"{image_size} px with {share}{peak}: use a smaller batch_size (--set batch_size=N)"
+        f"{advice}"
+    )
+
+
+def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
 
-    from trainable.data import load_cache
-
-    data = DeviceData(load_cache(cfg.cache), device)
+    data = DeviceData(cache, device)
     model = build_model(cfg).to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
