@@ -26,7 +26,8 @@ def add_to(subparsers) -> None:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=None,
                    help="a GPU fraction per trial, e.g. 0.25 packs four trials on a GPU "
-                        "(default: 0.25 when the cluster has GPUs, else 0)")
+                        "(default: as many trials per GPU as fit at the cache's image size, "
+                        "up to four; 0 without GPUs)")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at once (default: as many as the resources allow)")
     p.add_argument("--seed", type=int, default=0, help="seed of Optuna's sampler")

@@ -28,7 +28,7 @@ from ray import tune
 from ray.tune import Callback, ExperimentAnalysis, Tuner
 from ray.tune.schedulers import ASHAScheduler
 
-from search import tracking
+from search import packing, tracking
 from search.searcher import PruningAwareOptunaSearch, tpe_sampler
 from search.trial import (SETTINGS_ENV, TrialRunCloser, TrialSetup, failure_reason,
                           stopped_early, trial_fn)
@@ -316,11 +316,27 @@ def _have_ray_token() -> bool:
 
 
 def _with_gpus(settings: SearchSettings) -> SearchSettings:
-    """Resolve `gpus_per_trial=None`: four trials per GPU when the cluster has GPUs, else 0."""
+    """Resolve `gpus_per_trial=None`: as many trials per GPU as fit the smallest GPU of the
+    cluster at the cache's image size and the trials' batch size (`search.packing`), up to
+    four; 0 on a cluster without GPUs."""
     if settings.gpus_per_trial is not None:
         return settings
-    gpus = ray.cluster_resources().get("GPU", 0)
-    return dataclasses.replace(settings, gpus_per_trial=0.25 if gpus else 0.0)
+    gpu_gib = packing.smallest_gpu_memory_gib(ray.nodes())
+    if gpu_gib is None:
+        return dataclasses.replace(settings, gpus_per_trial=0.0)
+    batch = settings.fixed.get("batch_size", TrialConfig.batch_size)
+    share = packing.default_gpu_share(_image_size(settings.cache), batch, gpu_gib)
+    return dataclasses.replace(settings, gpus_per_trial=share)
+
+
+def _image_size(cache: str) -> int:
+    """The image size of a prepared cache, from its manifest; 224 (the paper's) for a cache
+    this machine cannot read (a URI: the trials read it, not the driver)."""
+    from trainable.data.cache import MANIFEST
+
+    if _is_uri(cache):
+        return 224
+    return int(json.loads((Path(cache) / MANIFEST).read_text())["params"]["size"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,3 +37,10 @@ def test_smallest_gpu_of_the_cluster():
     assert smallest_gpu_memory_gib([node(8, "H200"), node(1, "T4", alive=False)]) == 141
     assert smallest_gpu_memory_gib([node(2)]) == 16  # no type detected: assume a small GPU
     assert smallest_gpu_memory_gib([node(1, "MI300X")]) == 16  # a type we do not know
+
+
+def test_the_search_reads_the_image_size_from_the_cache(small_cache):
+    from search.service import _image_size
+
+    assert _image_size(str(small_cache)) == 64
+    assert _image_size("s3://bucket/cache") == 224
