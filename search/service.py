@@ -414,8 +414,14 @@ def _finish(settings: SearchSettings, grid) -> SearchSummary:
     scored = [r for r in grid if r.error is None and METRIC in r.metrics]
     if scored:
         best = _best_trial(settings, scored)
-        if not interrupted:  # this ends the parent run, which a resume would reopen
-            tracking.log_parent_result(settings.parent_run_id, best, settings.tracking_uri)
+    # The parent run ends in every case (a resume reopens it): KILLED shows an interrupted
+    # search in the MLflow UI as stopped rather than running forever.
+    if interrupted:
+        tracking.end_parent_run(settings.parent_run_id, "KILLED", settings.tracking_uri)
+    elif best is not None:
+        tracking.log_parent_result(settings.parent_run_id, best, settings.tracking_uri)
+    else:  # every trial failed
+        tracking.end_parent_run(settings.parent_run_id, "FAILED", settings.tracking_uri)
     return SearchSummary(settings.name, settings.path, len(ended) - failed - pruned, pruned,
                          failed, interrupted, best)
 

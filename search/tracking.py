@@ -166,6 +166,14 @@ def log_parent_result(parent_run_id: str, best: Mapping, tracking_uri: str) -> N
            "ending the search's parent run", tracking_uri)
 
 
+def end_parent_run(parent_run_id: str, status: str, tracking_uri: str) -> None:
+    """End the search's parent run without a best trial: KILLED when the search was
+    interrupted, FAILED when every trial failed."""
+    client = _client(tracking_uri)
+    _retry(lambda: client.set_terminated(parent_run_id, status),
+           f"ending the search's parent run {status}", tracking_uri)
+
+
 # ---------------------------------------------------------------------------------------------
 # Child runs (one per trial, driven from the trial's process)
 

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import ray.cloudpickle
+from mlflow import MlflowClient
 from conftest import gazetune
 from optuna.trial import TrialState
 from test_search import QUICK, assert_complete_history, trial_runs
 
+from search import tracking
 from search.searcher import load_study
 from search.service import SearchSettings, parse_fixed, run_search
 
@@ -98,6 +100,9 @@ def test_trial_failing_beyond_max_failures_is_failed_with_its_reason(small_cache
     assert (counters / run.data.tags["ray.trial_id"]).read_text() == "xx"
     [trial] = load_study(tmp_path / "ray_results" / "fail").trials
     assert trial.state == TrialState.FAIL
+    # No trial to report: the search's parent run ends FAILED instead of staying RUNNING.
+    client = MlflowClient(tracking.resolve_tracking_uri(None, tmp_path))
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
 
 
 @pytest.mark.slow
