@@ -11,7 +11,8 @@ report is written from those scores:
                         the heatmap panels that each configuration's best run drew
 
 Images appear only by position and class; no identifier of the dataset reaches a report. Every
-file is written to a temporary name and moved into place.
+file is written to a temporary name and moved into place, so a killed export leaves whole files
+under their final names, and the next export deletes the temporaries it left.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import math
 import os
 import tempfile
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from pathlib import Path
 
 from search import tracking
 from trainable.config import CLASS_NAMES, USES_GENERATOR, ConfigError, TrialConfig
+from trainable.checkpoint import atomic_write, remove_stale_temporaries
 from trainable.errors import GazetuneError
 
 METRIC = "val/auc/mean"  # what the search selects by (trainable.loop.METRIC)
@@ -127,6 +128,7 @@ def export(name: str, tracking_uri: str | None = None, reports: str | Path = "re
                             f"yet ({len(trials)} trial run(s))")
     out = absolute(reports, workdir) / name
     (out / FIGURES).mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
 
     write_json(out / BEST_CONFIGS, best_configs(ranked[:top_k], previous=out / BEST_CONFIGS))
     space = _space_name(uri, trials)
@@ -449,20 +451,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write a report file atomically: a unique name beside it, then `os.replace`.
-
-    Not `trainable.checkpoint.atomic_write`: its `mkstemp` files are readable by their owner
-    only, and reports are read by others (as in `trainable.figures.save_figure`).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def mlflow_client(tracking_uri: str):

@@ -8,7 +8,8 @@ Each file is written to a temporary name in the same folder and moved into place
 killed mid-write, or a write that fails (disk full, quota), leaves the previous file intact;
 the three files of best/ move into place together. All `torch.load` calls use weights_only=True.
 
-`atomic_write` is the project's one way to write a file in place (the data cache uses it too);
+`atomic_write` is the project's one way to write a file in place (the data cache, figures and
+reports use it too);
 torch is imported only where a checkpoint is saved or loaded, so data preparation stays light.
 """
 
@@ -17,12 +18,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
 
 from trainable.errors import GazetuneError
+
+
+_TEMPORARY = re.compile(r"\..+\.(?P<pid>\d+)\.[0-9a-f]+\.tmp")  # atomic_write_all's names
 
 
 class WriteError(GazetuneError):
@@ -83,8 +88,10 @@ def atomic_write_all(writes: Mapping[Path, Callable[[Path], object]]) -> None:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             # A unique name opened with O_EXCL, created as open() creates files (the umask
-            # applies), unlike mkstemp's owner-only 0600: caches and checkpoints are shared.
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            # applies), unlike mkstemp's owner-only 0600: caches, checkpoints and reports are
+            # shared. The writer's pid in the name lets a later run remove what a killed
+            # writer left (`remove_stale_temporaries`).
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
             open(tmp, "xb").close()
             temporary[path] = tmp
             write(tmp)
@@ -96,6 +103,18 @@ def atomic_write_all(writes: Mapping[Path, Callable[[Path], object]]) -> None:
     except BaseException:
         _remove(temporary.values())
         raise
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete the temporary files under `folder` that `atomic_write` left when its process was
+    killed: only names `.<name>.<pid>.<hex>.tmp` whose writer no longer runs on this machine,
+    so a writer running beside this one keeps its own. The pid says nothing about other
+    machines: two machines must not write into one shared folder at once.
+    """
+    for tmp in Path(folder).rglob(".*.tmp"):
+        writer = _TEMPORARY.fullmatch(tmp.name)
+        if writer and not _running(int(writer["pid"])):
+            tmp.unlink(missing_ok=True)
 
 
 def save_torch(obj, path: Path) -> None:
@@ -165,3 +184,13 @@ def _reason(err: OSError) -> str:
 def _remove(paths) -> None:
     for tmp in paths:
         tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -8,7 +8,6 @@ Titles carry class names and probabilities only, never an image's identifiers.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+
+from trainable.checkpoint import atomic_write
 
 PANEL_INCHES = 3.2
 MAP_CMAP = "inferno"
@@ -200,18 +201,7 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     its artists. Returns the path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name beside the target (same file system, so os.replace is atomic); opened with
-    # open() rather than tempfile.mkstemp so the file gets the umask's permissions, not 0600:
-    # reports and MLflow artifacts are read by other users.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     fig.clear()
     return path
 

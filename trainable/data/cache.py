@@ -37,7 +37,8 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from trainable.checkpoint import WriteError, atomic_write, atomic_write_all, check_writable
+from trainable.checkpoint import (WriteError, atomic_write, atomic_write_all, check_writable,
+                                  remove_stale_temporaries)
 from trainable.data.dicom import read_dicom
 from trainable.data.egd import LABELS, ImageRecord, Release, Skip, read_release
 from trainable.data.heatmaps import SIGMA, fixation_map, static_heatmap
@@ -148,6 +149,7 @@ def prepare(
     release = read_release(egd_root, mimic_root, subset)  # a bad table fails before any write
     for folder in (cache, cache / ENTRIES):
         check_writable(folder, "cache folder")
+    remove_stale_temporaries(cache)  # what a killed prepare left
     params = {"size": size, "sigma": sigma, "resize": "PIL bilinear, antialiased",
               "version": PREPROCESS_VERSION}
 
