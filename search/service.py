@@ -31,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 from search import packing, tracking
 from search.searcher import PruningAwareOptunaSearch, tpe_sampler
 from search.trial import (SETTINGS_ENV, TrialRunCloser, TrialSetup, failure_reason,
-                          stopped_early, trial_fn)
+                          stopped_early, tracking_outage, trial_fn)
 from spaces import PAPER_POINTS, get_space, sample
 from trainable.config import ConfigError, TrialConfig
 from trainable.errors import GazetuneError
@@ -176,21 +176,29 @@ def resume_search(name: str, storage: str = "ray_results", tracking_uri: str | N
 
 
 def _close_lost_runs(settings: SearchSettings) -> None:
-    """End the runs of trials that Tune's saved state does not know (FAILED, with the reason).
+    """End the RUNNING runs of trials the resumed search will not continue.
 
     Tune snapshots its state every `TUNE_GLOBAL_CHECKPOINT_S`; a trial started just before the
-    driver died can have opened its MLflow run without being in the last snapshot. The resumed
-    search will not continue it, so its run must not stay RUNNING.
+    driver died can have opened its MLflow run without being in the last snapshot: FAILED,
+    with the reason. A trial Tune had ended while the tracking store was unreachable kept its
+    run open: FINISHED (tagged when pruned), as the driver would have ended it.
     """
-    known = {trial.trial_id for trial in ExperimentAnalysis(settings.path).trials}
+    known = {trial.trial_id: trial for trial in ExperimentAnalysis(settings.path).trials}
     for run in tracking.find_trial_runs(settings.tracking_uri, settings.name):
         trial_id = run.data.tags.get(tracking.TRIAL_TAG)
-        if (run.info.status == "RUNNING" and trial_id not in known
-                and run.data.tags.get(tracking.PARENT_TAG) == settings.parent_run_id):
+        if (run.info.status != "RUNNING"
+                or run.data.tags.get(tracking.PARENT_TAG) != settings.parent_run_id):
+            continue
+        trial = known.get(trial_id)
+        if trial is None:
             tracking.finish_trial_run(
                 settings.tracking_uri, settings.experiment_id, trial_id, "FAILED",
                 failure="lost: the search stopped before Tune saved this trial, and the "
                         "resumed search suggests a new one instead")
+        elif trial.status == "TERMINATED":
+            tracking.finish_trial_run(settings.tracking_uri, settings.experiment_id, trial_id,
+                                      "FINISHED",
+                                      pruned=stopped_early(trial, settings.max_epochs))
 
 
 def parse_fixed(items: list[str]) -> dict:
@@ -261,7 +269,14 @@ def _new_tuner(settings: SearchSettings, trainable: Callable | None):
 
 def _fit(settings: SearchSettings, tuner):
     os.environ[SETTINGS_ENV] = f"{settings.path}/{SETTINGS_FILE}"  # for TrialRunCloser
-    return tuner.fit()
+    grid = tuner.fit()
+    if outage := tracking_outage():
+        # Stopped by TrialRunCloser; the parent run stays RUNNING until the resumed search
+        # ends it (asking the store again would only wait out another retry budget).
+        raise tracking.TrackingError(
+            f"{outage}; the search stopped, and `gazetune resume {settings.name}` continues "
+            f"it once the tracking store is reachable")
+    return grid
 
 
 def _trainable(settings: SearchSettings, trainable: Callable | None):
@@ -295,6 +310,9 @@ def _ray(address: str | None):
     # saved before it has started a process and opened its MLflow run, so a killed driver
     # leaves no run that the resumed search does not know.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # A failed trial is one line of ProgressPrinter (its error, in full, is in the trial's
+    # error.txt in Tune's storage); Tune's default adds the whole remote traceback each time.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     if address and "RAY_AUTH_MODE" not in os.environ and _have_ray_token():
         # Ray sends its token only to clusters it starts itself or finds with "auto"; a
         # cluster started with token authentication (cluster.yaml) refuses a driver without it.

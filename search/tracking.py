@@ -316,14 +316,18 @@ def find_trial_run(client, experiment_id: str, trial_id: str):
 def find_trial_runs(tracking_uri: str, experiment_name: str) -> list:
     """The study's trial runs (`mlflow.entities.Run`, oldest first); [] for an unknown study."""
     client = _client(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
+    # Retried: the driver reads the runs when the search ends, right after a possible outage.
+    experiment = _retry(lambda: client.get_experiment_by_name(experiment_name),
+                        "looking up the experiment", tracking_uri)
     if experiment is None:
         return []
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.`{TRIAL_TAG}` != ''",
-                                  order_by=["attributes.start_time ASC"], page_token=token)
+        page = _retry(lambda: client.search_runs([experiment.experiment_id],
+                                                 filter_string=f"tags.`{TRIAL_TAG}` != ''",
+                                                 order_by=["attributes.start_time ASC"],
+                                                 page_token=token),
+                      "listing the trials' runs", tracking_uri)
         runs += page
         token = page.token
         if not token:

@@ -4,6 +4,10 @@
 the result to Tune, because code after the last `tune.report` never runs when the scheduler
 stops a trial. For the same reason the run is ended on the driver, by `TrialRunCloser`, from
 Tune's callbacks, which see every way a trial ends (done, stopped early, failed).
+
+A tracking store that stays unreachable for a whole retry budget (`search.tracking`) stops the
+search the way Ctrl-C does: Tune saves its state, and `gazetune resume` continues every trial
+once the store is back. Retrying trials against a store that is down would only fail them all.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,19 +117,62 @@ class TrialRunCloser(Callback):
         from search.service import SearchSettings
 
         self._settings = SearchSettings.load(os.environ[SETTINGS_ENV])
+        self._stopping = False
+        _outage.clear()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        s = self._settings
-        tracking.finish_trial_run(s.tracking_uri, s.experiment_id, trial.trial_id, "FINISHED",
-                                  pruned=stopped_early(trial, s.max_epochs))
+        self._finish(trial, "FINISHED", pruned=stopped_early(trial, self._settings.max_epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, "FAILED", failure=failure_reason(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        # The trial waited out the whole retry budget: its retry would wait again, and so
+        # would every other trial.
+        reason = failure_reason(trial)
+        if reason.startswith(f"{tracking.TrackingError.__name__}: "):
+            _outage.append(tracking.TrackingError(reason.partition(": ")[2]))
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if not _outage or self._stopping:
+            return
+        self._stopping = True
+        print(f"MLflow tracking store {self._settings.tracking_uri} unreachable: stopping the "
+              f"search", flush=True)
+        # The trials still waiting on the store fail after the stop, and nobody fetches their
+        # results: Ray would print each one's remote traceback.
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+        if not callable(signal.getsignal(signal.SIGUSR1)):
+            raise _outage[0]  # Tune runs outside the main thread: no graceful stop
+        # Tune has no call that ends an experiment and keeps its unfinished trials resumable
+        # (a Stopper ends them as TERMINATED); its handler of SIGUSR1 (and of Ctrl-C) does:
+        # it saves the state one last time and returns from `fit`.
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def _finish(self, trial, status: str, **how) -> None:
+        if _outage:
+            return  # the store is down: the resumed search ends the run (service.py)
         s = self._settings
-        tracking.finish_trial_run(s.tracking_uri, s.experiment_id, trial.trial_id, "FAILED",
-                                  failure=failure_reason(trial))
+        try:
+            tracking.finish_trial_run(s.tracking_uri, s.experiment_id, trial.trial_id, status,
+                                      **how)
+        except tracking.TrackingError as err:
+            # Raised from here, Tune would turn a finished trial into a failed one and then
+            # end the search with a traceback: stop at the end of this step instead.
+            _outage.append(err)
 
     def __getstate__(self) -> dict:
         return {}  # read again at setup
+
+
+# The outage that stopped the search, read by the service when `fit` returns: Tune runs its
+# own (unpickled, on resume) copy of the callback, which the service cannot reach.
+_outage: list[tracking.TrackingError] = []
+
+
+def tracking_outage() -> tracking.TrackingError | None:
+    """Why the search stopped early for want of its tracking store, or None."""
+    return _outage[0] if _outage else None
 
 
 def stopped_early(trial, max_t: int) -> bool:

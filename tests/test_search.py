@@ -23,9 +23,10 @@ CONTRACT_KEYS = {"train/loss"} | {f"val/auc/{c}{b}" for c in CLASSES for b in ("
 QUICK = ["n_boot=200", "figures=1", "batch_size=16"]
 
 
-def trial_runs(workdir, name) -> dict:
-    """{ray trial id: (run, {metric key: [steps]})} of a study in the embedded MLflow store."""
-    uri = tracking.resolve_tracking_uri(None, workdir)
+def trial_runs(workdir, name, uri: str | None = None) -> dict:
+    """{ray trial id: (run, {metric key: [steps]})} of a study in the embedded MLflow store
+    of `workdir`, or at the tracking `uri` when given (a tracking server)."""
+    uri = uri or tracking.resolve_tracking_uri(None, workdir)
     client = MlflowClient(uri)
     out = {}
     for run in tracking.find_trial_runs(uri, name):
