@@ -14,6 +14,7 @@ from test_export import assert_metric_shape, assert_png, identifiers
 from search import tracking
 from search.demo import run_demo
 from search.export import BEST_CONFIGS, best_epoch
+from trainable.data import load_cache
 from trainable.errors import GazetuneError
 
 
@@ -58,10 +59,12 @@ def test_small_demo_end_to_end(tmp_path):
         assert_png(png)
     assert {"summary.md", "evaluation.md", BEST_CONFIGS, "evaluation.json"} <= {
         p.name for p in report.iterdir()}
-    # Everything the demo wrote, apart from the synthetic release it made itself: the cache,
-    # Tune's storage, the MLflow store and artifacts, the report.
+    # Everything the demo wrote, apart from the synthetic release it made itself: Tune's
+    # storage, the MLflow store and artifacts, the report hold no release identifier and no
+    # cache uid; the cache holds its uids (its keys, salted hashes) and nothing else.
     secrets = identifiers(tmp_path / "data", tmp_path / "cache")
-    written = [p for p in tmp_path.iterdir() if p.name != "data"]
-    assert {"cache", "mlflow.db", "mlartifacts", "ray_results", "reports"} <= \
-        {p.name for p in written}
+    written = [p for p in tmp_path.iterdir() if p.name not in ("data", "cache")]
+    assert {"mlflow.db", "mlartifacts", "ray_results", "reports"} <= {p.name for p in written}
     assert scan_for_identifiers(written, secrets) == []
+    uids = {str(uid) for uid in load_cache(tmp_path / "cache").uids}
+    assert scan_for_identifiers([tmp_path / "cache"], secrets - uids) == []
