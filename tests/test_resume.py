@@ -2,7 +2,7 @@
 
 The faults come from outside the trainable: a SIGKILL to the `gazetune search` process, and a
 wrapper around `search.trial.trial_fn`, given to the service as its `trainable`, that raises in
-epoch 3 before reporting it (its counter lives in files, so a retried trial sees earlier crashes).
+epoch 3 before reporting it, or SIGKILLs its own process there (its counter lives in files, so a retried trial sees earlier crashes).
 """
 
 import os
@@ -34,7 +34,7 @@ def crash_in_epoch_3(config, setup):
     from search.trial import trial_fn
     from trainable.loop import train as loop_train
 
-    folder, crashes = os.environ[FAULTS_ENV].split(":")
+    folder, crashes, *how = os.environ[FAULTS_ENV].split(":")
     counter = Path(folder) / tune.get_context().get_trial_id()
 
     def train(cfg, report, resume_from):
@@ -42,6 +42,8 @@ def crash_in_epoch_3(config, setup):
             done = len(counter.read_text()) if counter.exists() else 0
             if epoch_report.epoch == 3 and done < int(crashes):
                 counter.write_text("x" * (done + 1))
+                if how == ["sigkill"]:  # the trial's process dies without a word
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError("injected fault in epoch 3")
             report(epoch_report)
 
@@ -58,8 +60,8 @@ def faults(tmp_path, monkeypatch):
     # Workers cannot import this test module: send the wrapper by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-    def set_crashes(n: int) -> Path:
-        monkeypatch.setenv(FAULTS_ENV, f"{folder}:{n}")
+    def set_crashes(n: int, how: str = "raise") -> Path:
+        monkeypatch.setenv(FAULTS_ENV, f"{folder}:{n}:{how}")
         return folder
 
     yield set_crashes
@@ -75,8 +77,9 @@ def one_trial_search(cache, tmp_path, name, max_failures):
 
 
 @pytest.mark.slow
-def test_crashed_trial_is_retried_from_its_checkpoint(small_cache, tmp_path, faults):
-    counters = faults(1)
+@pytest.mark.parametrize("how", ["raise", "sigkill"])
+def test_crashed_trial_is_retried_from_its_checkpoint(small_cache, tmp_path, faults, how):
+    counters = faults(1, how)
     summary = one_trial_search(small_cache, tmp_path, "retry", max_failures=1)
     assert (summary.completed, summary.pruned, summary.failed) == (1, 0, 0)
     [trial_id] = [p.name for p in counters.iterdir()]  # it did crash, once
