@@ -215,7 +215,8 @@ def term_gradients(model, data: DeviceData, cfg: TrialConfig, batches: int = 2) 
                                      for gi, p in zip(g, params)])
         for name, g in grads.items():
             cos = torch.nn.functional.cosine_similarity(g, grads["cls"], dim=0)
-            sums[name] = sums.get(name, 0) + np.array([float(g.norm()), float(cos)])
+            # Clamped: in float32 the cosine of a gradient with itself can exceed 1 by an ulp.
+            sums[name] = sums.get(name, 0) + np.array([float(g.norm()), float(cos.clamp(-1, 1))])
     return {name: {"norm": v[0] / batches, "cos_cls": v[1] / batches} for name, v in sums.items()}
 
 
