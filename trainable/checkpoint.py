@@ -26,7 +26,6 @@ from pathlib import Path
 
 from trainable.errors import GazetuneError
 
-
 _TEMPORARY = re.compile(r"\..+\.(?P<pid>\d+)\.[0-9a-f]+\.tmp")  # atomic_write_all's names
 
 
@@ -105,16 +104,18 @@ def atomic_write_all(writes: Mapping[Path, Callable[[Path], object]]) -> None:
         raise
 
 
-def remove_stale_temporaries(folder: str | Path) -> None:
-    """Delete the temporary files under `folder` that `atomic_write` left when its process was
+def remove_stale_temporaries(*folders: str | Path) -> None:
+    """Delete the temporary files in `folders` that `atomic_write` left when its process was
     killed: only names `.<name>.<pid>.<hex>.tmp` whose writer no longer runs on this machine,
-    so a writer running beside this one keeps its own. The pid says nothing about other
-    machines: two machines must not write into one shared folder at once.
+    so a writer running beside this one keeps its own. Only the folders named, not below them:
+    a caller names the folders it writes to and never touches anything else. The pid says
+    nothing about other machines: two machines must not write into one shared folder at once.
     """
-    for tmp in Path(folder).rglob(".*.tmp"):
-        writer = _TEMPORARY.fullmatch(tmp.name)
-        if writer and not _running(int(writer["pid"])):
-            tmp.unlink(missing_ok=True)
+    for folder in folders:
+        for tmp in Path(folder).glob(".*.tmp"):
+            writer = _TEMPORARY.fullmatch(tmp.name)
+            if writer and tmp.is_file() and not _running(int(writer["pid"])):
+                tmp.unlink(missing_ok=True)
 
 
 def save_torch(obj, path: Path) -> None:

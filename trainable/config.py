@@ -7,9 +7,11 @@ does not exist or has the wrong type is refused at the door with a message namin
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trainable.errors import GazetuneError
 
@@ -24,45 +26,76 @@ class ConfigError(GazetuneError, ValueError):
     """A trial config with an unknown key, a wrong type or an impossible value."""
 
 
+def key(default, meaning: str, *, choices: tuple | None = None,
+        bounds: tuple[float, float] | None = None, open_low: bool = False,
+        open_high: bool = False, pattern: str | None = None):
+    """A config key: its default, one line of meaning and the values it accepts.
+
+    `bounds` is an interval (closed unless `open_low`/`open_high`; NaN and infinities are never
+    inside), `choices` a set of words, `pattern` a regular expression a string must match.
+    The same metadata checks a config (`TrialConfig.check`) and documents it (`describe_keys`).
+    """
+    return field(default=default, metadata={
+        "meaning": meaning, "choices": choices, "bounds": bounds, "open_low": open_low,
+        "open_high": open_high, "pattern": pattern})
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     # data
-    cache: str = "cache"
+    cache: str = key("cache", "the prepared cache folder (`gazetune prepare`)", pattern=r".+")
     # method
-    loss_set: str = "baseline"
-    generator: str = "guided_backprop"
-    r: float = 0.5  # set3: r * L(M, E) + (1 - r) * L(G, E)
-    loss_weight: float = 1.0  # weight of the heatmap terms against the classification loss
-    rrr_lambda: float = 10.0
+    loss_set: str = key("baseline", "what enters the loss besides classification",
+                        choices=LOSS_SETS)
+    generator: str = key("guided_backprop", "saliency map of the set1/set2/set3 terms",
+                         choices=GENERATORS)
+    r: float = key(0.5, "set3 mixing ratio: r * L(mask, gaze) + (1 - r) * L(map, gaze)",
+                   bounds=(0.0, 1.0))
+    loss_weight: float = key(1.0, "weight of the heatmap terms against the classification loss",
+                             bounds=(0.0, 1e4))
+    rrr_lambda: float = key(10.0, "rrr: weight of the input-gradient penalty outside the gaze",
+                            bounds=(0.0, 1e6))
     # model
-    encoder: str = "efficientnet-b0"
-    encoder_weights: str | None = None  # None, or a local state-dict file of the encoder
-    dropout: float = 0.2
+    encoder: str = key("efficientnet-b0", "smp encoder name (e.g. efficientnet-b0, "
+                        "tu-resnet10t)", pattern=r"[A-Za-z0-9_.-]+")
+    encoder_weights: str | None = key(None, "None (random init) or a local state-dict file of "
+                                      "the encoder")
+    dropout: float = key(0.2, "dropout before the classification head", bounds=(0.0, 1.0),
+                         open_high=True)
     # optimisation
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # constant | cosine | cyclic (the dataset authors' triangular2)
-    cyclic_step: int = 2
-    grad_clip: float = 1.0  # max gradient norm; 0 disables
-    epochs: int = 10
-    batch_size: int = 32
-    augment: bool = True
-    seed: int = 0
+    optimizer: str = key("adam", "optimiser", choices=("adam", "adamw"))
+    lr: float = key(1e-3, "learning rate", bounds=(0.0, 1.0), open_low=True)
+    weight_decay: float = key(0.0, "weight decay", bounds=(0.0, 1.0))
+    schedule: str = key("cosine", "per-epoch learning-rate schedule (cyclic: the dataset "
+                        "authors' triangular2)", choices=("constant", "cosine", "cyclic"))
+    cyclic_step: int = key(2, "cyclic: epochs per half cycle", bounds=(1, 10_000))
+    grad_clip: float = key(1.0, "maximum gradient norm; 0 disables clipping",
+                           bounds=(0.0, 1e6))
+    epochs: int = key(10, "epochs to train", bounds=(1, 10_000))
+    batch_size: int = key(32, "images per step (at least 2: BatchNorm)", bounds=(2, 65_536))
+    augment: bool = key(True, "random affine and exposure jitter of training images")
+    seed: int = key(0, "seed of initialisation, shuffling, augmentation and the bootstrap",
+                    bounds=(0, 2**32 - 1))
     # evaluation
-    n_boot: int = 0  # bootstrap resamples; 0: the protocol's default (2,000; paper: 30)
-    boot_protocol: str = "stratified"  # stratified | paper (30 resamples of ~55% of the images)
-    figures: int = 3  # images per class drawn each time the best epoch improves; 0 disables
+    n_boot: int = key(0, "bootstrap resamples; 0: the protocol's default (2,000; paper: 30)",
+                      bounds=(0, 1_000_000))
+    boot_protocol: str = key("stratified", "bootstrap: stratified, or the paper's (30 "
+                             "resamples of about 55% of the images)",
+                             choices=("stratified", "paper"))
+    figures: int = key(3, "images per class drawn when the best epoch improves; 0 disables",
+                       bounds=(0, 100))
     # runtime
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
-    channels_last: bool = True  # on CUDA
-    gpu_memory_fraction: float = 0.0  # cap this process's share of the GPU (fractional trials)
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    checkpoint_dir: str | None = None  # where the best/last checkpoints go; None: no files
+    device: str = key("auto", "auto, cpu, cuda or cuda:N", pattern=r"auto|cpu|cuda(:\d+)?")
+    amp: bool = key(True, "bf16 autocast on CUDA (ignored on the CPU)")
+    channels_last: bool = key(True, "channels-last memory format on CUDA")
+    gpu_memory_fraction: float = key(0.0, "cap of this process's share of the GPU memory; 0: "
+                                     "no cap", bounds=(0.0, 1.0))
+    threads: int = key(0, "torch CPU threads; 0 keeps torch's default", bounds=(0, 4096))
+    checkpoint_dir: str | None = key(None, "where the best and last checkpoints go; None: a "
+                                     "temporary folder")
 
     @classmethod
-    def from_dict(cls, config: dict) -> "TrialConfig":
+    def from_dict(cls, config: dict) -> TrialConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - set(fields))
         if unknown:
@@ -76,26 +109,56 @@ class TrialConfig:
         return cfg
 
     def check(self) -> None:
-        def need(ok: bool, key: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: {why}")
-
-        need(self.loss_set in LOSS_SETS, "loss_set", f"must be one of {LOSS_SETS}")
-        need(self.generator in GENERATORS, "generator", f"must be one of {GENERATORS}")
-        need(0.0 <= self.r <= 1.0, "r", "must be in [0, 1]")
-        need(self.lr > 0, "lr", "must be positive")
-        need(self.epochs >= 1, "epochs", "must be at least 1")
-        need(self.batch_size >= 2, "batch_size", "must be at least 2 (BatchNorm)")
-        need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        need(self.optimizer in ("adam", "adamw"), "optimizer", "must be adam or adamw")
-        need(self.schedule in ("constant", "cosine", "cyclic"), "schedule",
-             "must be constant, cosine or cyclic")
-        need(self.boot_protocol in ("stratified", "paper"), "boot_protocol",
-             "must be stratified or paper")
-        need(0.0 <= self.gpu_memory_fraction <= 1.0, "gpu_memory_fraction", "must be in [0, 1]")
+        """Every key against its declared range, choices or pattern (`key`)."""
+        for f in dataclasses.fields(self):
+            why = _out_of_range(getattr(self, f.name), f.metadata)
+            if why:
+                raise ConfigError(f"config key {f.name!r} = {getattr(self, f.name)!r}: {why}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _out_of_range(value, meta) -> str | None:
+    """Why `value` is outside the key's declared values; None when it is inside."""
+    if value is None:
+        return None
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"must be one of {', '.join(meta['choices'])}"
+    if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
+        return f"must match {meta['pattern']}"
+    if meta.get("bounds"):
+        low, high = meta["bounds"]
+        inside = (math.isfinite(value)
+                  and (low < value if meta["open_low"] else low <= value)
+                  and (value < high if meta["open_high"] else value <= high))
+        if not inside:
+            return f"must be in {_interval(meta)}"
+    return None
+
+
+def _interval(meta) -> str:
+    low, high = (str(v) if isinstance(v, int) else f"{v:g}" for v in meta["bounds"])
+    return (f"{'(' if meta['open_low'] else '['}{low}, {high}"
+            f"{')' if meta['open_high'] else ']'}")
+
+
+def describe_keys() -> list[tuple[str, str, str, str]]:
+    """(key, default, accepted values, meaning) of every config key, in declaration order."""
+    hints = typing.get_type_hints(TrialConfig)
+    rows = []
+    for f in dataclasses.fields(TrialConfig):
+        meta, hint = f.metadata, hints[f.name]
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kind = " or ".join("None" if t is type(None) else t.__name__ for t in kinds)
+        if meta["choices"]:
+            accepted = " | ".join(meta["choices"])
+        elif meta["bounds"]:
+            accepted = f"{kind} in {_interval(meta)}"
+        else:
+            accepted = kind
+        rows.append((f.name, str(f.default), accepted, meta["meaning"]))
+    return rows
 
 
 def _coerce(key: str, value, hint):

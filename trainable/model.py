@@ -104,13 +104,21 @@ def _load_encoder_weights(encoder: nn.Module, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise GazetuneError(f"encoder weights {path}: cannot be read as a state dict ({err})") from None
-    state = state.get("state_dict", state)
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    # A classifier's fc layer is expected to be left over; missing encoder weights are not.
-    if missing:
-        raise GazetuneError(
-            f"encoder weights {path}: {len(missing)} encoder tensors missing, e.g. {missing[:3]}"
-        )
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GazetuneError(f"encoder weights {path}: not a state dict of tensors")
+    # Compared here, not read from `load_state_dict`'s result: smp 0.6's encoders override it
+    # and most return None. A classifier's fc layer may be left over; every encoder tensor must
+    # be there with its shape.
+    for key, tensor in encoder.state_dict().items():
+        if key not in state:
+            raise GazetuneError(f"encoder weights {path}: no tensor {key!r} (the first of the "
+                                f"encoder's that is missing; is it a {type(encoder).__name__}?)")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise GazetuneError(f"encoder weights {path}: {key!r} has shape "
+                                f"{tuple(state[key].shape)}, the encoder's is {tuple(tensor.shape)}")
+    encoder.load_state_dict(state, strict=False)
 
 
 @torch.no_grad()
