@@ -1,4 +1,4 @@
-"""`gazetune bench`: the performance figures of issue 6 (benchmarks/bench.py), in one run."""
+"""`gazetune bench`: the performance ratios (benchmarks/bench.py), measured in one run."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 def add_to(subparsers) -> None:
     """Add `gazetune bench` to the `gazetune` parser."""
-    p = subparsers.add_parser("bench", help="measure the performance ratios of issue 6")
+    p = subparsers.add_parser("bench", help="measure step-time ratios of the loss sets, data "
+                                            "handling, metrics and packing in one run")
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="images per step")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: one repeat, small validation set, no compile or packing")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per configuration")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory format (CUDA)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default)")
     p.add_argument("--skip-compile", action="store_true",

@@ -23,7 +23,8 @@ def add_to(subparsers) -> None:
     p.add_argument("--max-epochs", type=int, default=20, help="epochs of a trial ASHA keeps")
     p.add_argument("--grace-period", type=int, default=2,
                    help="epochs before ASHA may stop a trial")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0,
+                   help="CPU cores Ray reserves for each trial (also its torch threads)")
     p.add_argument("--gpus-per-trial", type=float, default=None,
                    help="a GPU fraction per trial, e.g. 0.25 packs four trials on a GPU "
                         "(default: as many trials per GPU as fit at the cache's image size, "

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from search import export, tracking
+from search.names import check_name
 from trainable.config import CLASS_NAMES, TrialConfig
+from trainable.data.cache import data_origin
 from trainable.errors import GazetuneError
 
 EVALUATION_JSON, EVALUATION_MD = "evaluation.json", "evaluation.md"
@@ -49,6 +51,7 @@ def evaluate_study(name: str, run_id: str | None = None, protocol: str = "strati
         What `evaluation.json` holds.
     """
     workdir = Path(workdir or Path.cwd())
+    check_name(name)
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
     trial = _pick_trial(export.read_trials(uri, name), name, run_id)
     with tempfile.TemporaryDirectory(prefix="gazetune-evaluate-") as scratch:
@@ -66,6 +69,7 @@ def evaluate_study(name: str, run_id: str | None = None, protocol: str = "strati
         "images": counts, "protocol": protocol, "n_boot": _resamples(cfg), "alpha": 0.05,
         "seed": cfg.seed, "test": _scores(metrics), "val": trial.val,
         "agreement": _agreement(metrics), "evaluation_run_id": None,
+        "data": data_origin(cfg.cache),
     }
     from trainable.figures import save_figure
 
@@ -256,6 +260,8 @@ def evaluation_markdown(result: dict) -> str:
     lines = [
         f"# Test evaluation of study `{result['study']}`",
         "",
+        export.DATA_NOTES[result.get("data", "unknown")],
+        "",
         f"Trial {result['trial']} ({result['method']}), MLflow run `{result['run_id']}`, its "
         f"best validation epoch ({result['epoch']}), checkpoint `{result['checkpoint_uri']}`. "
         f"Recorded in MLflow as run `{result['evaluation_run_id']}`.",
@@ -272,7 +278,7 @@ def evaluation_markdown(result: dict) -> str:
         lines.append(_row("validation", result["val"]))
     if method in export.PAPER:
         label, mean, per_class = export.PAPER[method]
-        lines.append(f"| paper ({label}, test) | " + " | ".join(
+        lines.append(f"| {export.PAPER_SOURCE} ({label}) | " + " | ".join(
             [export.format_auc(list(mean)), *(f"{auc:.3f}" for auc in per_class)]) + " |")
     lines += ["", "## Agreement of maps with the radiologist's gaze", "",
               "Mean over test images: Pearson CC (higher is closer), KL divergence of the map "

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from search import tracking
-from trainable.config import CLASS_NAMES, USES_GENERATOR, ConfigError, TrialConfig
+from search.names import check_name
 from trainable.checkpoint import atomic_write, remove_stale_temporaries
+from trainable.config import CLASS_NAMES, USES_GENERATOR, ConfigError, TrialConfig
 from trainable.errors import GazetuneError
 
 METRIC = "val/auc/mean"  # what the search selects by (trainable.loop.METRIC)
@@ -120,6 +121,7 @@ def export(name: str, tracking_uri: str | None = None, reports: str | Path = "re
         GazetuneError: the study does not exist or no trial has a validation score yet.
     """
     workdir = Path(workdir or Path.cwd())
+    check_name(name)
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
     trials = read_trials(uri, name)
     ranked = ranked_trials(trials)
@@ -128,15 +130,17 @@ def export(name: str, tracking_uri: str | None = None, reports: str | Path = "re
                             f"yet ({len(trials)} trial run(s))")
     out = absolute(reports, workdir) / name
     (out / FIGURES).mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
+    remove_stale_temporaries(out, out / FIGURES)
 
     write_json(out / BEST_CONFIGS, best_configs(ranked[:top_k], previous=out / BEST_CONFIGS))
     space = _space_name(uri, trials)
     searched = {t.run_id: sampled_params(t, space) for t in trials}
     rows = configuration_rows(ranked)
     panels = _copy_panels(rows, uri, out / FIGURES)
-    _draw_figures(rows, trials, space, out / FIGURES)
-    write_text(out / SUMMARY, summary_markdown(name, trials, rows, searched, panels))
+    origin = data_origin_of(ranked[0])
+    drawn = _draw_figures(rows, trials, space, out / FIGURES, origin)
+    write_text(out / SUMMARY, summary_markdown(name, trials, rows, searched, panels, origin,
+                                               drawn))
     print(f"report of study {name!r} ({len(trials)} trials) written to {out}")
     return out
 
@@ -151,7 +155,7 @@ def read_trials(tracking_uri: str, name: str) -> list[Trial]:
     Raises:
         GazetuneError: no experiment of that name in the tracking store.
     """
-    client = mlflow_client(tracking_uri)
+    client = mlflow_client(tracking.existing_store(tracking_uri))
     if client.get_experiment_by_name(name) is None:
         raise GazetuneError(f"no study {name!r} in the MLflow store {tracking_uri} (the study "
                             f"name is the experiment's name; check --tracking-uri)")
@@ -261,8 +265,29 @@ def configuration_rows(ranked: list[Trial]) -> list[Row]:
     return paper + [r for m, r in rows.items() if m not in PAPER]
 
 
+def data_origin_of(trial: Trial) -> str:
+    """"synthetic", "real" or "unknown": what the trial's cache was prepared from."""
+    from trainable.data.cache import data_origin
+
+    return data_origin(trial.params.get("cache", ""))
+
+
+# What a reader must know about the data before reading any AUC of a report.
+DATA_NOTES = {
+    "synthetic": "**Data: synthetic** (`gazetune synth`: phantom radiographs with simulated "
+                 "gaze, no patient). These AUCs show that the pipeline learns; they say nothing "
+                 "clinical and are not comparable with the paper's numbers on the real release.",
+    "real": "Data: prepared from a release in the EGD-CXR / MIMIC-CXR layout (real "
+            "radiographs).",
+    "unknown": "Data: the trial's cache could not be read here, so whether it is synthetic or "
+               "real is not known.",
+}
+PAPER_SOURCE = "paper: test split of the real release"
+
+
 def summary_markdown(name: str, trials: list[Trial], rows: list[Row], searched: Mapping,
-                     panels: Mapping[str, str]) -> str:
+                     panels: Mapping[str, str], origin: str = "unknown",
+                     figures: Iterable[str] = ()) -> str:
     """The report's summary: the paper's table shape, our validation AUCs beside its numbers."""
     states = [t.state for t in trials]
     best = rows and max((r.best for r in rows), key=lambda t: t.score)
@@ -276,29 +301,35 @@ def summary_markdown(name: str, trials: list[Trial], rows: list[Row], searched: 
         f"early by ASHA (pruned): {states.count('PRUNED')}; failed: {states.count('FAIL')}"
         + (f"; still running: {states.count('RUNNING')}" if "RUNNING" in states else "") + ".",
         "",
-        "## Best trial of each configuration",
+        DATA_NOTES[origin],
+        "",
+        "## Best trial of each configuration (validation split)",
         "",
         f"Validation AUC (one-vs-rest, {protocol}) at each trial's best validation epoch, the "
-        "epoch its checkpoint holds. The paper's rows are Watanabe et al. (2022), on their test "
-        "split of about 100 images; `gazetune evaluate` gives this study's test numbers.",
+        "epoch its checkpoint holds. The rows marked paper are Watanabe et al. (2022): test "
+        "AUCs on their test split of about 100 real radiographs, a different split and, "
+        f"{'here, different data' if origin == 'synthetic' else 'perhaps, different data'}. "
+        "`gazetune evaluate` gives this study's test numbers (evaluation.md).",
         "",
         "| model | source | mean (95% CI) | Normal | CHF | pneumonia |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         t = row.best
-        source = (f"this study: validation, trial {t.number} (best of {row.trials}), epoch "
+        source = (f"this study: {origin} validation, trial {t.number} (best of {row.trials}), epoch "
                   f"{t.epoch} of {t.epochs}{', pruned' if t.pruned else ''}")
         cells = " | ".join(format_auc(t.val[n]) for n in SCORES)
         lines.append(f"| {row.label} | {source} | {cells} |")
         if row.method in PAPER:
             _, mean, per_class = PAPER[row.method]
-            lines.append("| | paper: test | " + " | ".join(
+            lines.append(f"| | {PAPER_SOURCE} | " + " | ".join(
                 [format_auc(mean), *(f"{auc:.3f}" for auc in per_class)]) + " |")
-    lines += ["", "## Figures", "",
-              "![AUC per configuration](figures/auc_by_configuration.png)", "",
-              "![Search history](figures/search_history.png)", "",
-              "![Hyperparameter importance](figures/importance.png)", ""]
+    lines += ["", "## Figures", ""]
+    captions = {"auc_by_configuration.png": "AUC per configuration",
+                "search_history.png": "Search history", "importance.png":
+                "Hyperparameter importance (fANOVA over completed trials)"}
+    lines += [f"![{caption}](figures/{file})\n" for file, caption in captions.items()
+              if file in figures]
     for label, path in panels.items():
         lines += [f"Heatmap panels of {label}'s best run (validation images by class, "
                   f"correctly classified ones where it had any): ![{label}]({path})", ""]
@@ -369,9 +400,16 @@ def importances(trials: list[Trial], space: str) -> tuple[dict[str, float], str]
     done = study.get_trials(states=(TrialState.COMPLETE,))
     if len(done) < MIN_IMPORTANCE_TRIALS or len({t.value for t in done}) < 2:
         return {}, f"{len(done)} completed trial(s): too few to attribute scores"
+    # A parameter every completed trial shares (the paper points fix lr and dropout) explains
+    # nothing; fANOVA would still rank it.
+    shared = set.intersection(*(set(t.params) for t in done))
+    varied = sorted(k for k in shared if len({repr(t.params[k]) for t in done}) > 1)
+    if not varied:
+        return {}, f"no parameter varied over the {len(done)} completed trials"
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     try:
-        values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        values = optuna.importance.get_param_importances(study, evaluator=evaluator,
+                                                         params=varied)
     except (ValueError, RuntimeError) as err:  # e.g. no parameter shared by every trial
         return {}, f"not computable: {err}"
     values = {k: float(v) for k, v in values.items() if math.isfinite(v)}
@@ -394,26 +432,40 @@ def _replay(trial: Trial, space: str) -> dict:
     return {k: (v, fixed.distributions[k]) for k, v in fixed.params.items()}
 
 
-def _draw_figures(rows: list[Row], trials: list[Trial], space: str, folder: Path) -> None:
-    from trainable.figures import (auc_interval_chart, importance_chart, save_figure,
-                                   search_history_chart)
+def _draw_figures(rows: list[Row], trials: list[Trial], space: str, folder: Path,
+                  origin: str) -> list[str]:
+    """Draw the study's charts; the names of those drawn (importance only when computable)."""
+    from trainable.figures import (
+        auc_interval_chart,
+        importance_chart,
+        save_figure,
+        search_history_chart,
+    )
 
     chart_rows = [{"label": r.label, "auc": r.best.val["mean"][0],
                    "lo": _or(r.best.val["mean"][1], r.best.val["mean"][0]),
                    "hi": _or(r.best.val["mean"][2], r.best.val["mean"][0]),
                    "reference": PAPER[r.method][1][0] if r.method in PAPER else None}
                   for r in rows]
-    fig = auc_interval_chart(chart_rows, reference_label="paper (test)")
-    fig.suptitle("validation mean AUC of each configuration's best trial")
+    fig = auc_interval_chart(chart_rows, reference_label="paper: test AUC, real release",
+                             label=f"this study: validation AUC (95% CI), {origin} data")
+    fig.suptitle(f"this study: validation mean AUC of each configuration's best trial "
+                 f"({origin} data)", fontsize=9)
     save_figure(fig, folder / "auc_by_configuration.png")
 
     history = [{"number": t.number, "value": t.score, "state": t.state} for t in trials]
     save_figure(search_history_chart(history, metric="val mean AUC (best epoch)"),
                 folder / "search_history.png")
+    drawn = ["auc_by_configuration.png", "search_history.png"]
 
     values, note = importances(trials, space)
-    save_figure(importance_chart(values, title=f"hyperparameter importance ({note})"),
-                folder / "importance.png")
+    stale = folder / "importance.png"
+    if values:
+        save_figure(importance_chart(values, title=f"hyperparameter importance ({note})"), stale)
+        drawn.append(stale.name)
+    elif stale.is_file():  # an earlier export drew it; what it showed no longer holds
+        stale.unlink()
+    return drawn
 
 
 def _copy_panels(rows: list[Row], tracking_uri: str, folder: Path) -> dict[str, str]:

@@ -35,8 +35,8 @@ def add_to(subparsers) -> None:
     _add_report_options(p)
     p.set_defaults(func=_evaluate)
 
-    p = subparsers.add_parser("demo", help="synthetic data, a small search, its report "
-                                           "(about 10 minutes on a 2-core CPU)")
+    p = subparsers.add_parser("demo", help="synthetic data, a small search, its report and test "
+                                           "evaluation (under 10 minutes on a 2-core CPU)")
     p.add_argument("--workdir", type=Path, default=Path("."),
                    help="where the data, cache, MLflow store, Tune state and report go")
     p.add_argument("--images", type=int, default=demo.IMAGES,
@@ -45,6 +45,8 @@ def add_to(subparsers) -> None:
                    help="trials of the search (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=demo.EPOCHS,
                    help="epochs of a trial ASHA keeps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic release and of the search's sampler")
     p.set_defaults(func=_demo)
 
 
@@ -71,5 +73,6 @@ def _evaluate(args) -> int:
 
 
 def _demo(args) -> int:
-    demo.run_demo(args.workdir, images=args.images, trials=args.trials, epochs=args.epochs)
+    demo.run_demo(args.workdir, images=args.images, trials=args.trials, epochs=args.epochs,
+                  seed=args.seed)
     return 0

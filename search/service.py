@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -29,9 +28,17 @@ from ray.tune import Callback, ExperimentAnalysis, Tuner
 from ray.tune.schedulers import ASHAScheduler
 
 from search import packing, tracking
+from search.names import check_name
 from search.searcher import PruningAwareOptunaSearch, tpe_sampler
-from search.trial import (SETTINGS_ENV, TrialRunCloser, TrialSetup, failure_reason,
-                          stopped_early, tracking_outage, trial_fn)
+from search.trial import (
+    SETTINGS_ENV,
+    TrialRunCloser,
+    TrialSetup,
+    failure_reason,
+    stopped_early,
+    tracking_outage,
+    trial_fn,
+)
 from spaces import PAPER_POINTS, get_space, sample
 from trainable.config import ConfigError, TrialConfig
 from trainable.errors import GazetuneError
@@ -222,6 +229,7 @@ def load_settings(name: str, storage: str = "ray_results",
                   workdir: Path | None = None) -> SearchSettings:
     """The saved settings of search `name`, its storage as given now (the folder may move)."""
     workdir = Path(workdir or Path.cwd())
+    check_name(name)
     storage = storage if _is_uri(storage) else str(_absolute(storage, workdir))
     settings = SearchSettings.load(f"{storage.rstrip('/')}/{name}")
     return dataclasses.replace(settings, storage=storage)
@@ -363,9 +371,7 @@ def _image_size(cache: str) -> int:
 
 def _check(settings: SearchSettings) -> None:
     """Refuse a search that cannot work before anything starts (a message naming the cause)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", settings.name):
-        raise ConfigError(f"--name {settings.name!r}: use letters, digits, '.', '_' and '-' "
-                          f"(it names a folder and the MLflow experiment)")
+    check_name(settings.name, "--name")
     try:
         space = get_space(settings.space)
     except KeyError as err:
@@ -385,6 +391,10 @@ def _check(settings: SearchSettings) -> None:
         raise GazetuneError(f"a search named {settings.name!r} already exists at "
                             f"{settings.path}: `gazetune resume {settings.name}` continues it, "
                             f"or choose another --name")
+    if not _is_uri(settings.cache):  # a cache on a URI is read by the trials, not here
+        from trainable.data.cache import check_splits
+
+        check_splits(settings.cache)
 
 
 def _check_storage(settings: SearchSettings) -> None:
@@ -429,7 +439,9 @@ def _finish(settings: SearchSettings, grid) -> SearchSummary:
     best = None
     # A failed trial (diverged, out of memory, crashed past max_failures) is never the best:
     # `gazetune export` ranks finished runs only, and the summary must agree with it.
-    scored = [r for r in grid if r.error is None and METRIC in r.metrics]
+    # A validation AUC can be undefined (NaN) at every epoch; such a trial is never the best.
+    scored = [r for r in grid if r.error is None and METRIC in r.metrics
+              and math.isfinite(_peak(r))]
     if scored:
         best = _best_trial(settings, scored)
     # The parent run ends in every case (a resume reopens it): KILLED shows an interrupted
@@ -448,7 +460,7 @@ def _best_trial(settings: SearchSettings, results: list) -> dict:
     """The trial with the best validation epoch: its run, full config and that epoch's metrics."""
     result = max(results, key=_peak)
     history = result.metrics_dataframe
-    epoch = history.loc[history[METRIC].idxmax()]
+    epoch = history.loc[history[METRIC].astype(float).idxmax(skipna=True)]
     trial_id = result.metrics["trial_id"]
     run_ids = {run.data.tags.get(tracking.TRIAL_TAG): run.info.run_id
                for run in tracking.find_trial_runs(settings.tracking_uri, settings.name)}

@@ -72,6 +72,19 @@ def resolve_tracking_uri(uri: str | None, workdir: Path) -> str:
     return uri
 
 
+def existing_store(uri: str) -> str:
+    """`uri` itself, if it can hold a study: reading commands must not create an empty store.
+
+    Raises:
+        TrackingError: a SQLite store that does not exist.
+    """
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise TrackingError(
+            f"no MLflow store at {uri.removeprefix('sqlite:///')}, so no study here: run this "
+            f"command in the folder where `gazetune search` ran, or pass --tracking-uri")
+    return uri
+
+
 def ensure_experiment(name: str, tracking_uri: str) -> str:
     """The id of the study's experiment, created on first use.
 

@@ -25,8 +25,17 @@ from mlflow.entities import Metric
 from PIL import Image
 
 from search import tracking
-from search.export import (BEST_CONFIGS, PAPER, SCORES, Trial, _by_step, best_epoch, export,
-                           importances, read_trials)
+from search.export import (
+    BEST_CONFIGS,
+    PAPER,
+    SCORES,
+    Trial,
+    _by_step,
+    best_epoch,
+    export,
+    importances,
+    read_trials,
+)
 from trainable import checkpoint
 from trainable.config import CLASS_NAMES, TrialConfig
 from trainable.errors import GazetuneError
@@ -188,9 +197,11 @@ def test_summary_has_a_row_per_configuration_beside_the_papers(study):
     for method in (("baseline", None), ("classifier", None), ("set2", "deconvnet")):
         label, mean, _ = PAPER[method]
         row = next(i for i, line in enumerate(lines) if line.startswith(f"| {label} |"))
-        assert "this study: validation" in lines[row]
-        assert lines[row + 1].startswith("| | paper: test | ") and f"{mean[0]:.3f}" in \
-            lines[row + 1]
+        assert "this study: synthetic validation" in lines[row]
+        assert lines[row + 1].startswith("| | paper: test split of the real release | ") \
+            and f"{mean[0]:.3f}" in lines[row + 1]
+    # The reader learns what the data are before any number.
+    assert summary.index("**Data: synthetic**") < summary.index("| model |")
     assert "ran their full budget: 2" in summary and "(pruned): 1" in summary
     # Every trial is listed, with the parameters its branch of the space searched.
     assert "| 3 | set2/deconvnet | loss_weight=0.5, lr=0.001, dropout=0.1 | pruned | 1 |" \
@@ -200,9 +211,11 @@ def test_summary_has_a_row_per_configuration_beside_the_papers(study):
 def test_figures_are_valid_pngs(study):
     _, _, report, _ = study
     names = {p.name for p in (report / "figures").iterdir()}
-    assert {"auc_by_configuration.png", "search_history.png", "importance.png",
+    # No importance chart: two completed trials attribute nothing, so it is left out.
+    assert {"auc_by_configuration.png", "search_history.png",
             "val_heatmaps_baseline.png", "val_heatmaps_classifier.png",
             "val_heatmaps_set2_deconvnet.png"} == names
+    assert "importance.png" not in (report / "summary.md").read_text()
     for name in names:
         assert_png(report / "figures" / name)
 
@@ -275,3 +288,16 @@ def test_importances_of_too_few_trials_are_empty_with_a_reason():
     trials = [_trial(1, 0.6, lr=1e-3), _trial(2, 0.7, lr=1e-4), _trial(3, None, "FAIL")]
     values, note = importances(trials, "paper")
     assert values == {} and "too few" in note
+
+
+def test_importances_leave_out_what_never_varied():
+    """The paper points share lr and dropout: fANOVA must not rank what did not vary."""
+    trials = [_trial(i + 1, score, loss_set=loss_set, lr=1e-3, dropout=0.5)
+              for i, (loss_set, score) in enumerate([("classifier", 0.9), ("classifier", 0.8),
+                                                     ("baseline", 0.6), ("baseline", 0.7)])]
+    values, _ = importances(trials, "paper")
+    assert set(values) == {"loss_set"}
+    same = [_trial(i + 1, 0.5 + i / 10, loss_set="classifier", lr=1e-3, dropout=0.5)
+            for i in range(4)]
+    values, note = importances(same, "paper")
+    assert values == {} and "no parameter varied" in note

@@ -288,7 +288,7 @@ def test_same_seed_same_bytes_and_a_patient_with_two_images(tmp_path):
 
     files = listing(first.root)
     assert files == listing(second.root)
-    assert len(files) == 4 + 2 * 20  # 4 tables, 20 transcripts, 20 DICOMs
+    assert len(files) == 5 + 2 * 20  # 4 tables, SYNTHETIC.txt, 20 transcripts, 20 DICOMs
     _, mismatch, errors = filecmp.cmpfiles(first.root, second.root, files, shallow=False)
     assert mismatch == [] and errors == []
     patients = Counter(r["patient_id"] for r in read_dicts(first.egd_root / "master_sheet.csv"))
@@ -315,3 +315,31 @@ def test_command_line_writes_a_set_and_bad_strengths_are_refused(tmp_path):
     with pytest.raises(GazetuneError, match=r"--shortcut must lie in \[0, 1\]"):
         synthesize(tmp_path / "bad", n_images=3, shortcut=1.5)
     assert not (tmp_path / "bad").exists()
+
+
+def test_synth_never_writes_into_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "egd-cxr").mkdir()
+    mine = tmp_path / "egd-cxr" / "master_sheet.csv"
+    mine.write_text("a researcher's own table")
+    with pytest.raises(GazetuneError, match="not empty: .* never replaces what it did not write"):
+        synthesize(tmp_path, n_images=3, verbose=False, force=True)
+    assert mine.read_text() == "a researcher's own table"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["egd-cxr", "master_sheet.csv"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(GazetuneError, match="is a file"):
+        synthesize(a_file, n_images=3, verbose=False)
+
+
+def test_synth_force_replaces_only_the_release_it_wrote(tmp_path):
+    first = synthesize(tmp_path, n_images=3, seed=1, verbose=False)
+    before = (first.egd_root / "master_sheet.csv").read_text()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("kept")
+    with pytest.raises(GazetuneError, match="--force replaces"):
+        synthesize(tmp_path, n_images=3, seed=2, verbose=False)
+    assert (first.egd_root / "master_sheet.csv").read_text() == before
+    second = synthesize(tmp_path, n_images=3, seed=2, verbose=False, force=True)
+    assert notes.read_text() == "kept"
+    assert (second.egd_root / "master_sheet.csv").read_text() != before
+    assert len(list(second.mimic_root.rglob("*.dcm"))) == 3  # none of the first release left

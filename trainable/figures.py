@@ -99,7 +99,8 @@ def heatmap_panels(
     return fig
 
 
-def auc_interval_chart(rows: Sequence[Mapping], reference_label: str = "paper") -> Figure:
+def auc_interval_chart(rows: Sequence[Mapping], reference_label: str = "paper",
+                       label: str = "AUC (95% CI)") -> Figure:
     """AUC with its interval per configuration, as horizontal bars, best first as given.
 
     Args:
@@ -107,6 +108,7 @@ def auc_interval_chart(rows: Sequence[Mapping], reference_label: str = "paper") 
             optionally ``reference`` (e.g. the paper's published mean for that configuration),
             drawn as a hollow diamond.
         reference_label: legend entry of the reference points.
+        label: legend entry of the rows' AUCs.
 
     Returns:
         The figure; with no rows, one that says so.
@@ -118,7 +120,7 @@ def auc_interval_chart(rows: Sequence[Mapping], reference_label: str = "paper") 
     y = np.arange(len(rows))
     auc = np.array([r["auc"] for r in rows], dtype=float)
     err = np.array([[r["auc"] - r["lo"], r["hi"] - r["auc"]] for r in rows], dtype=float).T
-    ax.errorbar(auc, y, xerr=err, fmt="o", color="C0", capsize=4, label="AUC (95% CI)")
+    ax.errorbar(auc, y, xerr=err, fmt="o", color="C0", capsize=4, label=label)
     ref = [(yi, r["reference"]) for yi, r in zip(y, rows) if r.get("reference") is not None]
     if ref:
         ry, rx = zip(*ref)

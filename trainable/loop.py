@@ -55,12 +55,8 @@ def train(
     never fits fails with the message.
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
-    if cfg.checkpoint_dir:  # refused before any work, not when the first epoch is saved
-        checkpoint.check_writable(cfg.checkpoint_dir, "checkpoint folder")
+    cache = check_inputs(cfg)
     device = _device(cfg)
-    from trainable.data import load_cache
-
-    cache = load_cache(cfg.cache)
     try:
         return _train(cfg, device, cache, report, resume_from)
     except torch.OutOfMemoryError as err:
@@ -71,6 +67,20 @@ def train(
         if device.type == "cuda":
             torch.cuda.empty_cache()
         raise failure from err
+
+
+def check_inputs(cfg: TrialConfig):
+    """What `train` refuses before any work, in one line naming the file: a checkpoint folder
+    it cannot write, a cache it cannot read, a training or validation split without every
+    class. Returns the loaded cache."""
+    from trainable.data import load_cache
+    from trainable.data.cache import check_splits
+
+    if cfg.checkpoint_dir:
+        checkpoint.check_writable(cfg.checkpoint_dir, "checkpoint folder")
+    cache = load_cache(cfg.cache)  # also checks that the manifest's counts match the arrays
+    check_splits(cfg.cache)
+    return cache
 
 
 def out_of_memory(cfg: TrialConfig, device: torch.device, image_size: int) -> OutOfGpuMemory:

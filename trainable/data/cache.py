@@ -37,10 +37,15 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from trainable.checkpoint import (WriteError, atomic_write, atomic_write_all, check_writable,
-                                  remove_stale_temporaries)
+from trainable.checkpoint import (
+    WriteError,
+    atomic_write,
+    atomic_write_all,
+    check_writable,
+    remove_stale_temporaries,
+)
 from trainable.data.dicom import read_dicom
-from trainable.data.egd import LABELS, ImageRecord, Release, Skip, read_release
+from trainable.data.egd import LABELS, SYNTHETIC_MARK, ImageRecord, Release, Skip, read_release
 from trainable.data.heatmaps import SIGMA, fixation_map, static_heatmap
 from trainable.data.split import SPLIT_NAMES
 from trainable.errors import CacheError, DataError
@@ -149,7 +154,7 @@ def prepare(
     release = read_release(egd_root, mimic_root, subset)  # a bad table fails before any write
     for folder in (cache, cache / ENTRIES):
         check_writable(folder, "cache folder")
-    remove_stale_temporaries(cache)  # what a killed prepare left
+    remove_stale_temporaries(cache, cache / ENTRIES)  # what a killed prepare left
     params = {"size": size, "sigma": sigma, "resize": "PIL bilinear, antialiased",
               "version": PREPROCESS_VERSION}
 
@@ -191,6 +196,7 @@ def prepare(
         manifest = {
             "version": PREPROCESS_VERSION, "params": params, "input_hash": input_hash,
             "salt": salt, "images": len(used), "labels": list(LABELS), "counts": counts,
+            "synthetic": (Path(egd_root) / SYNTHETIC_MARK).is_file(),
             "skipped": [_without_paths(s, uid_of) for s in skipped],
             "ignored_fixation_rows": release.ignored_fixation_rows,
             "off_image_fixations": release.off_image_fixations,
@@ -234,7 +240,54 @@ def load_cache(path: str | Path) -> Cache:
         raise CacheError(f"{path}: {DATASET} and {MANIFEST} come from different prepare runs")
     if len({len(array) for array in arrays.values()}) != 1:
         raise CacheError(f"{path / DATASET}: arrays of different lengths")
+    try:
+        counts = _counts(arrays["labels"], arrays["split"])
+    except (ValueError, IndexError, TypeError) as err:  # wrong rank or dtype
+        raise CacheError(f"{path / DATASET}: labels or split of the wrong shape ({err})") from err
+    if manifest.get("counts") != counts:
+        raise CacheError(f"{path}: {MANIFEST}'s counts do not match {DATASET}'s labels and "
+                         f"split (run `gazetune prepare` again)")
     return Cache(**arrays, manifest=manifest)
+
+
+def data_origin(path: str | Path) -> str:
+    """What a cache was prepared from, for reports: "synthetic", "real" or "unknown"."""
+    try:
+        manifest = _read_manifest(Path(path))
+    except CacheError:
+        return "unknown"
+    synthetic = manifest.get("synthetic")
+    return "unknown" if synthetic is None else ("synthetic" if synthetic else "real")
+
+
+def check_splits(path: str | Path, splits: tuple[str, ...] = ("train", "val"),
+                 counts: dict | None = None) -> None:
+    """Refuse a cache whose `splits` lack a class, before any training or evaluation.
+
+    Training must see every class, and a one-vs-rest AUC (with its bootstrap interval) needs at
+    least one image of the class and one of the others in the split it is computed on.
+
+    Args:
+        path: the cache folder (named in the message).
+        splits: the splits to check.
+        counts: `{split: {class: n}}`; default: the manifest's (the search's driver reads only
+            the manifest; `load_cache` has checked that it matches the arrays).
+
+    Raises:
+        CacheError: one line naming the split, the classes it lacks and what to do.
+    """
+    counts = counts if counts is not None else _read_manifest(Path(path)).get("counts") or {}
+    for split in splits:
+        have = counts.get(split, {})
+        missing = [name for name in LABELS if have.get(name, 0) < 1]
+        if missing:
+            held = ", ".join(f"{name} {have.get(name, 0)}" for name in LABELS)
+            name = {"train": "training", "val": "validation"}.get(split, split)
+            what = "training" if split == "train" else f"a {name} AUC with an interval"
+            raise CacheError(
+                f"{path}: the {name} split has no {' and no '.join(missing)} image ({held}); "
+                f"{what} needs every class: prepare more images (the 80/10/10 patient split "
+                f"puts about a tenth in validation and in test: 100 or more balanced images)")
 
 
 def build_entry(record: ImageRecord, size: int, sigma: float, target: Path) -> str | None:

@@ -21,6 +21,8 @@ from trainable.errors import DataError
 
 MASTER_SHEET = "master_sheet.csv"
 FIXATIONS = "fixations.csv"
+# A file `gazetune synth` writes beside master_sheet.csv; the real release has none.
+SYNTHETIC_MARK = "SYNTHETIC.txt"
 LABELS = ("Normal", "CHF", "pneumonia")  # one-hot columns, in the order labels are reported
 MASTER_COLUMNS = ("dicom_id", "path", "patient_id", *LABELS)
 X, Y, TIME = "X_ORIGINAL", "Y_ORIGINAL", "Time (in secs)"

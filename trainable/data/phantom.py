@@ -73,7 +73,8 @@ def sample_chest(rng: np.random.Generator, label: str, subtlety: float) -> Chest
     Args:
         rng: the image's own generator.
         label: "Normal", "CHF" or "pneumonia".
-        subtlety: 0 draws findings at full strength, 1 removes them (anatomy still varies).
+        subtlety: 0 draws findings at full strength, 1 removes them (anatomy still varies);
+            negative values exaggerate them (-1: twice as strong, pneumonias twice as wide).
     """
     strength = 1.0 - subtlety
     ctr = rng.normal(0.45, 0.035)
@@ -88,7 +89,9 @@ def sample_chest(rng: np.random.Generator, label: str, subtlety: float) -> Chest
             effusion = tuple(s for s in SIDES if rng.random() < 0.7) or ("right",)
     elif label == "pneumonia":
         ctr += rng.normal(0.01, 0.02)
-        opacity = _sample_opacity(rng, strength * rng.uniform(0.05, 0.24), (0.035, 0.065))
+        grow = max(1.0, strength)  # exaggerated findings (subtlety < 0) are larger too
+        opacity = _sample_opacity(rng, strength * rng.uniform(0.05, 0.24),
+                                  (0.035 * grow, 0.065 * grow))
     incidental = None
     if rng.random() < 0.2:
         incidental = _sample_opacity(rng, rng.uniform(0.02, 0.06), (0.015, 0.03))

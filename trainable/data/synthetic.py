@@ -11,6 +11,7 @@ interpretations, with and without rescale and window. The images come from `phan
 Layout under OUT::
 
     egd-cxr/master_sheet.csv, fixations.csv, bounding_boxes.csv, filenames.csv
+    egd-cxr/SYNTHETIC.txt (not in the real release: marks the data as synthetic)
     egd-cxr/audio_segmentation_transcripts/<dicom_id>/transcript.json
     mimic-cxr/files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.dcm
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from trainable.data import phantom
+from trainable.data.egd import SYNTHETIC_MARK
 from trainable.data.split import TEST, patient_split
 from trainable.errors import GazetuneError
 
@@ -71,6 +74,22 @@ SUBSET_FRACTION = 1017 / 1083  # Watanabe et al.'s filenames.csv
 REPEAT_FRACTION = 45 / 1083  # 1,083 images of 1,038 patients
 # CR Image Storage; Digital X-Ray Image Storage - For Presentation.
 SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
+
+
+def _claim(root: Path, force: bool) -> None:
+    """Make `root` a folder synth may write into: new, empty, or (with `force`) its own."""
+    if root.exists() and not root.is_dir():
+        raise GazetuneError(f"synth: {root} is a file, not a folder")
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    ours = (root / "egd-cxr" / SYNTHETIC_MARK).is_file()
+    if not (force and ours):
+        raise GazetuneError(
+            f"synth: {root} is not empty: synth writes into an empty or new folder"
+            + (" (--force replaces the synthetic release it wrote there)" if ours
+               else " and never replaces what it did not write"))
+    for folder in ("egd-cxr", "mimic-cxr"):  # what synth writes; anything else stays
+        shutil.rmtree(root / folder, ignore_errors=True)
 
 
 def resize_pad(rows: int, cols: int) -> tuple[int, int, int, int]:
@@ -153,7 +172,8 @@ class _Acquisition:
 
 
 def synthesize(out, n_images: int = 200, seed: int = 0, real_size: bool = False,
-               shortcut: float = 0.0, subtlety: float = 0.0, verbose: bool = True) -> SynthInfo:
+               shortcut: float = 0.0, subtlety: float = 0.0, verbose: bool = True,
+               force: bool = False) -> SynthInfo:
     """Write a synthetic EGD-CXR + MIMIC-CXR release under `out`; same seed, same bytes.
 
     Args:
@@ -162,16 +182,24 @@ def synthesize(out, n_images: int = 200, seed: int = 0, real_size: bool = False,
         seed: the only source of randomness.
         real_size: about 3000x2500 pixels like MIMIC-CXR (default: 224 to 384 a side).
         shortcut: in [0, 1], how often a class-placed marker follows the label in train/val.
-        subtlety: in [0, 1], 0 draws findings at full strength, 1 removes them.
+        subtlety: in [-1, 1]: 0 draws findings at full strength, 1 removes them, and negative
+            values exaggerate them (-1: twice as strong), a teaching set on which a few CPU
+            epochs at 64 px learn (the demo's).
         verbose: print the one-line summary.
+        force: replace a release that `synth` wrote in `out` before (never anything else).
+
+    Raises:
+        GazetuneError: `out` is a file, or a folder that holds anything but (with `force`) a
+            synthetic release; nothing is written then.
     """
-    for name, value in (("shortcut", shortcut), ("subtlety", subtlety)):
-        if not 0.0 <= value <= 1.0:
-            raise GazetuneError(f"synth: --{name} must lie in [0, 1], got {value}")
+    for name, value, low in (("shortcut", shortcut, 0.0), ("subtlety", subtlety, -1.0)):
+        if not low <= value <= 1.0:  # also refuses NaN
+            raise GazetuneError(f"synth: --{name} must lie in [{low:g}, 1], got {value}")
     if n_images < 1:
         raise GazetuneError(f"synth: --images must be at least 1, got {n_images}")
     start = time.perf_counter()
     root = Path(out)
+    _claim(root, force)
     egd, mimic = root / "egd-cxr", root / "mimic-cxr"
     rng = np.random.default_rng([seed, 0])
 
@@ -210,6 +238,10 @@ def synthesize(out, n_images: int = 200, seed: int = 0, real_size: bool = False,
     _write_csv(egd / "fixations.csv", FIXATION_COLUMNS, fixations)
     _write_csv(egd / "bounding_boxes.csv", BOX_COLUMNS, boxes)
     _write_subset(egd / "filenames.csv", rng, [p["dicom_id"] for p in people])
+    # Not in the real release: `prepare` records it, and reports say that the data are synthetic.
+    (egd / SYNTHETIC_MARK).write_text(
+        f"A synthetic release written by `gazetune synth` (seed {seed}, subtlety {subtlety:g}, "
+        f"shortcut {shortcut:g}): phantom radiographs with simulated gaze, no patient data.\n")
     for dicom_id, transcript in transcripts.items():
         folder = egd / "audio_segmentation_transcripts" / dicom_id
         folder.mkdir(parents=True, exist_ok=True)
