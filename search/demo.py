@@ -49,6 +49,10 @@ def run_demo(workdir: str | Path | None = None, images: int = IMAGES, trials: in
     from trainable.data.cache import prepare
     from trainable.data.synthetic import synthesize
 
+    for option, value, low in (("--images", images, 100), ("--trials", trials, 1),
+                               ("--epochs", epochs, 1)):
+        if not low <= value <= 100_000:  # before anything is written
+            raise GazetuneError(f"demo: {option} must be in [{low}, 100000], got {value}")
     workdir = Path(workdir or Path.cwd()).absolute()
     for earlier in (workdir / "ray_results" / NAME, workdir / "reports" / NAME):
         if earlier.exists():

@@ -52,11 +52,22 @@ def evaluate_study(name: str, run_id: str | None = None, protocol: str = "strati
     """
     workdir = Path(workdir or Path.cwd())
     check_name(name)
+    if not 0 <= n_boot <= 1_000_000:
+        raise GazetuneError(f"--n-boot must be in [0, 1000000] (0: the protocol's default), "
+                            f"got {n_boot}")
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
-    trial = _pick_trial(export.read_trials(uri, name), name, run_id)
+    trials = export.read_trials(uri, name)
+    trial = _pick_trial(trials, name, run_id)
+    ranked = export.ranked_trials(trials)
+    # Another trial's evaluation goes beside the best trial's, never over it.
+    files = report_files(None if ranked and ranked[0].run_id == trial.run_id else trial.number)
     with tempfile.TemporaryDirectory(prefix="gazetune-evaluate-") as scratch:
-        state, config = pull_checkpoint(trial.run_id, uri, Path(scratch))
-    cache = str(export.absolute(cache, workdir)) if cache else config["cache"]
+        state, config, best = pull_checkpoint(trial.run_id, uri, Path(scratch))
+    if cache:
+        cache = str(export.absolute(cache, workdir))
+        _check_same_cache(cache, best.get("cache_input_hash"), trial.number)
+    else:
+        cache = config["cache"]
     cfg = TrialConfig.from_dict({**config, "cache": cache, "boot_protocol": protocol,
                                  "n_boot": n_boot, "checkpoint_dir": None})
     metrics, figure, counts = _evaluate(state, cfg)
@@ -69,20 +80,30 @@ def evaluate_study(name: str, run_id: str | None = None, protocol: str = "strati
         "images": counts, "protocol": protocol, "n_boot": _resamples(cfg), "alpha": 0.05,
         "seed": cfg.seed, "test": _scores(metrics), "val": trial.val,
         "agreement": _agreement(metrics), "evaluation_run_id": None,
-        "data": data_origin(cfg.cache),
+        "data": data_origin(cfg.cache), "panels": f"{export.FIGURES}/{files[2]}",
     }
     from trainable.figures import save_figure
 
-    save_figure(figure, out / export.FIGURES / PANELS)
-    result["evaluation_run_id"] = _record(name, uri, trial, cfg, metrics, out, result)
+    save_figure(figure, out / export.FIGURES / files[2])
+    result["evaluation_run_id"] = _record(name, uri, trial, cfg, metrics, out, result, files)
     _fill_best_configs(out / export.BEST_CONFIGS, trial.run_id, result["test"])
     print(f"test split of study {name!r}, trial {trial.number} (run {trial.run_id}): mean AUC "
-          f"{export.format_auc(result['test']['mean'])}; report: {out / EVALUATION_MD}")
+          f"{export.format_auc(result['test']['mean'])}; report: {out / files[1]}")
     return result
 
 
-def pull_checkpoint(run_id: str, tracking_uri: str, scratch: Path) -> tuple[dict, dict]:
-    """(model state dict, trial config) of a run's `checkpoint/` artifact (its best epoch)."""
+def report_files(trial: int | None) -> tuple[str, str, str]:
+    """(json, markdown, panels) file names: the best trial's, or those of trial number `trial`
+    evaluated with `--run`, which sit beside them."""
+    if trial is None:
+        return EVALUATION_JSON, EVALUATION_MD, PANELS
+    return (f"evaluation-trial-{trial}.json", f"evaluation-trial-{trial}.md",
+            f"test_heatmaps_trial-{trial}.png")
+
+
+def pull_checkpoint(run_id: str, tracking_uri: str, scratch: Path) -> tuple[dict, dict, dict]:
+    """(model state dict, trial config, metrics) of a run's `checkpoint/` artifact (its best
+    epoch)."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
@@ -97,9 +118,27 @@ def pull_checkpoint(run_id: str, tracking_uri: str, scratch: Path) -> tuple[dict
         raise GazetuneError(f"run {run_id} at {tracking_uri}: no checkpoint/ artifact to "
                             f"evaluate ({str(err).strip().splitlines()[0][:300]})") from None
     # The artifact holds a checkpoint folder's best/ files: model.pt, config.json, metrics.json.
-    os.replace(local, scratch / "best")
-    state, config, _ = load_best(scratch)
-    return state, config
+    state, config, metrics = load_best(Path(local))
+    return state, config, metrics
+
+
+def _check_same_cache(cache: str, trained_on: str | None, number: int) -> None:
+    """Refuse a `--cache` other than the one the trial trained on (its input hash: the same
+    images, labels, split and preprocessing); a test split of other data would be written into
+    the study's report as its test result."""
+    from trainable.data.cache import input_hash
+
+    if not Path(cache).is_dir():
+        return  # said with what to do when the cache is read
+    if trained_on is None:  # a checkpoint from before the hash was recorded
+        print(f"note: trial {number}'s checkpoint does not record its cache; {cache} is taken "
+              f"as the cache it trained on")
+        return
+    found = input_hash(cache)
+    if found != trained_on:
+        raise GazetuneError(f"--cache {cache}: not the cache trial {number} trained on (another "
+                            f"release, subset or preprocessing: input hash {str(found)[:12]}, "
+                            f"the trial's {trained_on[:12]}); evaluate on the study's own cache")
 
 
 def _pick_trial(trials: list, name: str, run_id: str | None):
@@ -197,7 +236,7 @@ def _resamples(cfg: TrialConfig) -> int:
 
 
 def _record(name: str, uri: str, trial, cfg: TrialConfig, metrics: dict, out: Path,
-            result: dict) -> str:
+            result: dict, files: tuple[str, str, str]) -> str:
     """The study's evaluation run in MLflow, with the report files as its artifacts."""
     from mlflow.entities import Metric, Param
 
@@ -219,11 +258,11 @@ def _record(name: str, uri: str, trial, cfg: TrialConfig, metrics: dict, out: Pa
                 ("split", "test"))],
         )
         result["evaluation_run_id"] = run_id
-        export.write_json(out / EVALUATION_JSON, result)
-        export.write_text(out / EVALUATION_MD, evaluation_markdown(result))
-        client.log_artifact(run_id, str(out / EVALUATION_JSON))
-        client.log_artifact(run_id, str(out / EVALUATION_MD))
-        client.log_artifact(run_id, str(out / export.FIGURES / PANELS), "figures")
+        export.write_json(out / files[0], result)
+        export.write_text(out / files[1], evaluation_markdown(result))
+        client.log_artifact(run_id, str(out / files[0]))
+        client.log_artifact(run_id, str(out / files[1]))
+        client.log_artifact(run_id, str(out / export.FIGURES / files[2]), "figures")
     except BaseException as err:
         client.set_tag(run_id, "failure", f"{type(err).__name__}: {err}"[:5000])
         client.set_terminated(run_id, "FAILED")
@@ -289,7 +328,8 @@ def evaluation_markdown(result: dict) -> str:
         lines.append(f"| {names[kind]} | " + " | ".join(
             "–" if values.get(k) is None else f"{values[k]:.3f}" for k in ("cc", "kl", "nss"))
             + " |")
-    lines += ["", f"![test heatmap panels]({export.FIGURES}/{PANELS})", "",
+    panels = result.get("panels", f"{export.FIGURES}/{PANELS}")
+    lines += ["", f"![test heatmap panels]({panels})", "",
               "Rows: test images by class (correctly classified first), titled by class and "
               "predicted probability; columns: input, generator map, gaze map, decoder mask.", ""]
     return "\n".join(lines)

@@ -122,6 +122,8 @@ def export(name: str, tracking_uri: str | None = None, reports: str | Path = "re
     """
     workdir = Path(workdir or Path.cwd())
     check_name(name)
+    if not 1 <= top_k <= 10_000:
+        raise ConfigError(f"--top-k must be in [1, 10000], got {top_k}")
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
     trials = read_trials(uri, name)
     ranked = ranked_trials(trials)

@@ -376,9 +376,18 @@ def _check(settings: SearchSettings) -> None:
         space = get_space(settings.space)
     except KeyError as err:
         raise ConfigError(f"--space: {err.args[0]}") from None
-    for option in ("samples", "max_epochs", "grace_period", "reduction_factor"):
-        if getattr(settings, option) < 1:
-            raise ConfigError(f"--{option.replace('_', '-')} must be at least 1")
+    for option, low, high in (("samples", 1, 100_000), ("max_epochs", 1, 10_000),
+                              ("grace_period", 1, 10_000), ("reduction_factor", 2, 100),
+                              ("cpus_per_trial", 0.01, 1024), ("gpus_per_trial", 0, 64),
+                              ("max_concurrent", 1, 10_000), ("max_failures", 0, 100),
+                              ("seed", 0, 2**32 - 1)):
+        value = getattr(settings, option)
+        if value is None and option in ("gpus_per_trial", "max_concurrent"):
+            continue  # chosen from the cluster
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not low <= value <= high:  # NaN fails too
+            raise ConfigError(f"--{option.replace('_', '-')} must be in [{low:g}, {high:g}], "
+                              f"got {value!r}")
     if settings.grace_period > settings.max_epochs:
         raise ConfigError(f"--grace-period {settings.grace_period} exceeds --max-epochs "
                           f"{settings.max_epochs}")
@@ -386,8 +395,7 @@ def _check(settings: SearchSettings) -> None:
     if not _is_uri(settings.cache) and not Path(settings.cache).is_dir():
         raise GazetuneError(f"cache {settings.cache} does not exist: run `gazetune prepare` "
                             f"first or pass --cache")
-    _check_storage(settings)
-    if _exists(f"{settings.path}/{SETTINGS_FILE}") or Tuner.can_restore(settings.path):
+    if _exists(f"{settings.path}/{SETTINGS_FILE}") or _can_restore(settings.path):
         raise GazetuneError(f"a search named {settings.name!r} already exists at "
                             f"{settings.path}: `gazetune resume {settings.name}` continues it, "
                             f"or choose another --name")
@@ -395,6 +403,7 @@ def _check(settings: SearchSettings) -> None:
         from trainable.data.cache import check_splits
 
         check_splits(settings.cache)
+    _check_storage(settings)  # last: it creates the storage folder
 
 
 def _check_storage(settings: SearchSettings) -> None:
@@ -604,9 +613,16 @@ def _read_text(location: str) -> str:
     return Path(location).read_text()
 
 
+def _can_restore(path: str) -> bool:
+    try:
+        return Tuner.can_restore(path)
+    except (NotADirectoryError, PermissionError):  # refused with its reason by _check_storage
+        return False
+
+
 def _exists(location: str) -> bool:
     try:
         _read_text(location)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # e.g. a storage path under a file
         return False
     return True

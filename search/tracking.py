@@ -360,6 +360,10 @@ def train_logged(config: dict, experiment: str, tracking_uri: str | None) -> dic
     from trainable import train
 
     uri = resolve_tracking_uri(tracking_uri, Path.cwd())
+    if uri.startswith("sqlite:///"):  # refused now, not after the retries of a failing store
+        from trainable.checkpoint import check_writable
+
+        check_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow store folder")
     experiment_id = ensure_experiment(experiment, uri)
     run = TrialRun(uri, experiment_id, None, f"train-{uuid.uuid4().hex[:8]}", config,
                    tags={"gazetune.role": "train"})

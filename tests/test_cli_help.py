@@ -71,3 +71,12 @@ def test_reading_commands_refuse_a_folder_without_a_study(tmp_path, command):
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert f"no MLflow store at {tmp_path / 'mlflow.db'}" in done.stderr
     assert list(tmp_path.iterdir()) == []  # no empty store created
+
+
+def test_train_refuses_an_unwritable_sqlite_store_at_once(tmp_path, small_cache):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    done = gazetune("train", f"cache={small_cache}", "epochs=1", "--tracking-uri",
+                    f"sqlite:///{blocker}/sub/mlflow.db", cwd=tmp_path, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "MLflow store folder" in done.stderr and len(done.stderr.strip().splitlines()) == 1

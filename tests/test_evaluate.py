@@ -10,8 +10,8 @@ import shutil
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 from identifiers import scan_for_identifiers
+from mlflow import MlflowClient
 from test_export import assert_metric_shape, assert_png, identifiers, study_in_mlflow
 
 from search.evaluate import EVALUATION_JSON, EVALUATION_MD, PANELS, evaluate_study
@@ -135,3 +135,21 @@ def test_evaluate_names_a_missing_cache(evaluated, tmp_path):
     workdir, uri, _, _ = evaluated
     with pytest.raises(GazetuneError, match="does not exist here: pass --cache"):
         evaluate_study(STUDY, cache=tmp_path / "gone", tracking_uri=uri, workdir=workdir)
+
+
+def test_evaluate_refuses_a_cache_of_other_data(evaluated, tmp_path):
+    """Another release's cache would put its test split into this study's report."""
+    from trainable.data.cache import prepare
+    from trainable.data.synthetic import synthesize
+
+    workdir, uri, _, _ = evaluated
+    report = workdir / "reports" / STUDY / EVALUATION_JSON
+    before = report.read_bytes()
+    synthesize(tmp_path / "other", n_images=60, seed=3, verbose=False)
+    prepare(tmp_path / "other" / "egd-cxr", tmp_path / "other" / "mimic-cxr",
+            tmp_path / "other-cache", size=64, workers=1, sigma=20.0)
+    with pytest.raises(GazetuneError, match="not the cache trial 1 trained on"):
+        evaluate_study(STUDY, cache=tmp_path / "other-cache", tracking_uri=uri,
+                       workdir=workdir)
+    assert report.read_bytes() == before
+

@@ -34,10 +34,12 @@ from search.export import (
     best_epoch,
     export,
     importances,
+    ranked_trials,
     read_trials,
 )
 from trainable import checkpoint
 from trainable.config import CLASS_NAMES, TrialConfig
+from trainable.data.cache import input_hash
 from trainable.errors import GazetuneError
 from trainable.loop import EpochReport
 from trainable.model import build_model
@@ -83,7 +85,8 @@ def study_in_mlflow(cache: Path, tracking_uri: str, scratch: Path, name: str = S
                 best = auc
                 torch.manual_seed(epoch)
                 checkpoint.save_best(folder, build_model(cfg).state_dict(), cfg.to_dict(),
-                                     {**metrics, "epoch": epoch})
+                                     {**metrics, "epoch": epoch,
+                                      "cache_input_hash": input_hash(cache)})
                 drawn = folder / "figures" / f"val_{cfg.generator}.png"
                 drawn.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(panels, drawn)
@@ -301,3 +304,22 @@ def test_importances_leave_out_what_never_varied():
             for i in range(4)]
     values, note = importances(same, "paper")
     assert values == {} and "no parameter varied" in note
+
+
+def test_evaluating_another_trial_writes_beside_the_best_trials_files(study, tmp_path):
+    from search.evaluate import EVALUATION_JSON, evaluate_study
+
+    workdir, uri, report, _ = study
+    reports = tmp_path / "reports"
+    shutil.copytree(report, reports / STUDY)
+    best = evaluate_study(STUDY, tracking_uri=uri, reports=reports, workdir=workdir)
+    kept = (reports / STUDY / EVALUATION_JSON).read_bytes()
+    other = next(t for t in ranked_trials(read_trials(uri, STUDY)) if t.run_id != best["run_id"])
+    result = evaluate_study(STUDY, run_id=other.run_id, tracking_uri=uri, reports=reports,
+                            workdir=workdir)
+    folder = reports / STUDY
+    assert (folder / EVALUATION_JSON).read_bytes() == kept  # the best trial's, untouched
+    assert json.loads((folder / f"evaluation-trial-{other.number}.json").read_text()) == result
+    assert (folder / "figures" / f"test_heatmaps_trial-{other.number}.png").is_file()
+    assert f"test_heatmaps_trial-{other.number}.png" in (
+        folder / f"evaluation-trial-{other.number}.md").read_text()

@@ -150,13 +150,30 @@ def save_best(folder: Path, model_state: dict, config: dict, metrics: dict) -> N
 
 
 def load_best(folder: Path) -> tuple[dict, dict, dict]:
-    """(model state dict, config dict, metrics dict) of a checkpoint folder's best epoch."""
-    best = Path(folder) / "best"
-    if not (best / "metrics.json").is_file():
-        raise GazetuneError(f"{best} holds no complete best checkpoint")
-    config = json.loads((best / "config.json").read_text())
-    metrics = json.loads((best / "metrics.json").read_text())
-    return load_torch(best / "model.pt"), config, metrics
+    """(model state dict, config dict, metrics dict) of a checkpoint's best epoch.
+
+    `folder` is a trial's checkpoint folder (holding `best/`) or the best files' own folder,
+    e.g. the `checkpoint/` artifact downloaded from MLflow.
+
+    Raises:
+        GazetuneError: no complete best checkpoint there, or a file that cannot be read; the
+            message names it.
+    """
+    folder = Path(folder)
+    best = folder / "best" if (folder / "best").is_dir() else folder
+    if not all((best / name).is_file() for name in ("model.pt", "config.json", "metrics.json")):
+        raise GazetuneError(f"{folder} holds no complete best checkpoint (model.pt, config.json "
+                            f"and metrics.json, or a best/ folder of them)")
+    documents = []
+    for name in ("config.json", "metrics.json"):
+        try:
+            document = json.loads((best / name).read_text())
+        except (OSError, ValueError) as err:
+            raise GazetuneError(f"{best / name}: unreadable ({err})") from None
+        if not isinstance(document, dict):
+            raise GazetuneError(f"{best / name}: a JSON object is expected")
+        documents.append(document)
+    return load_torch(best / "model.pt"), *documents
 
 
 def _torch_bytes(obj) -> memoryview:

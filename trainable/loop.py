@@ -80,6 +80,10 @@ def check_inputs(cfg: TrialConfig):
         checkpoint.check_writable(cfg.checkpoint_dir, "checkpoint folder")
     cache = load_cache(cfg.cache)  # also checks that the manifest's counts match the arrays
     check_splits(cfg.cache)
+    size = cache.images.shape[-1]
+    if size % 32:
+        raise ConfigError(f"cache {cfg.cache}: images of {size} px, but the U-Net halves them "
+                          f"five times: prepare with --size a multiple of 32 (e.g. 224)")
     return cache
 
 
@@ -148,8 +152,10 @@ def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -
             # NaN (a class missing from validation) must not block every later epoch.
             best_auc = metrics[METRIC] if math.isfinite(metrics[METRIC]) else -math.inf
             best_epoch = epoch + 1
+            # The cache's input hash lets `gazetune evaluate --cache` refuse other data.
             checkpoint.save_best(ckdir, _cpu_state(model), cfg.to_dict(),
-                                 {**metrics, "epoch": epoch + 1})
+                                 {**metrics, "epoch": epoch + 1,
+                                  "cache_input_hash": cache.manifest.get("input_hash")})
             if cfg.figures:
                 figures = draw_figures(model, data, cfg, ckdir / "figures")
         metrics["epoch_seconds"] = time.perf_counter() - t0

@@ -147,6 +147,7 @@ def prepare(
             (disk full): entries written before it are kept for the rerun, and a complete cache
             already in the folder is left as it was.
     """
+    _check_prepare_options(size, sigma, workers)
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
     started = time.perf_counter()
@@ -232,22 +233,63 @@ def load_cache(path: str | Path) -> Cache:
             f"{PREPROCESS_VERSION} (run `gazetune prepare` again)"
         )
     try:
-        with np.load(path / DATASET, allow_pickle=False) as data:
+        data = np.load(path / DATASET, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # e.g. a .npy renamed
+            raise ValueError("a single array, not an npz archive")
+        with data:
             arrays = {name: data[name] for name in (*ARRAYS, "input_hash")}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise CacheError(f"{path / DATASET}: incomplete or corrupt ({err})") from err
     if str(arrays.pop("input_hash")) != manifest.get("input_hash"):
         raise CacheError(f"{path}: {DATASET} and {MANIFEST} come from different prepare runs")
-    if len({len(array) for array in arrays.values()}) != 1:
-        raise CacheError(f"{path / DATASET}: arrays of different lengths")
-    try:
-        counts = _counts(arrays["labels"], arrays["split"])
-    except (ValueError, IndexError, TypeError) as err:  # wrong rank or dtype
-        raise CacheError(f"{path / DATASET}: labels or split of the wrong shape ({err})") from err
-    if manifest.get("counts") != counts:
+    _check_arrays(path / DATASET, arrays)
+    if manifest.get("images") != len(arrays["labels"]):
+        raise CacheError(f"{path}: {MANIFEST} says {manifest.get('images')!r} images, "
+                         f"{DATASET} holds {len(arrays['labels'])} (run `gazetune prepare` again)")
+    if manifest.get("counts") != _counts(arrays["labels"], arrays["split"]):
         raise CacheError(f"{path}: {MANIFEST}'s counts do not match {DATASET}'s labels and "
                          f"split (run `gazetune prepare` again)")
     return Cache(**arrays, manifest=manifest)
+
+
+# Rank and dtype kind of each array (f: float, u: unsigned, i: signed, U: text).
+ARRAY_KINDS = {"images": (3, "f"), "heatmaps": (3, "f"), "fixations": (3, "u"),
+               "labels": (2, "u"), "split": (1, "i"), "uids": (1, "U")}
+
+
+def _check_arrays(where: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Shapes, kinds and values a training can rely on; one line naming the array if not."""
+    for name, (rank, kind) in ARRAY_KINDS.items():
+        array = arrays[name]
+        if array.ndim != rank or array.dtype.kind != kind:
+            raise CacheError(f"{where}: array {name!r} is {array.dtype} of rank {array.ndim}, "
+                             f"expected rank {rank} of kind {kind!r}")
+    n = len(arrays["labels"])
+    if len({len(array) for array in arrays.values()}) != 1:
+        raise CacheError(f"{where}: arrays of different lengths")
+    size = arrays["images"].shape[1:]
+    if size[0] != size[1] or arrays["heatmaps"].shape[1:] != size or \
+            arrays["fixations"].shape[1:] != size:
+        raise CacheError(f"{where}: images, heatmaps and fixations must be square and of one "
+                         f"size, found {arrays['images'].shape[1:]}, "
+                         f"{arrays['heatmaps'].shape[1:]}, {arrays['fixations'].shape[1:]}")
+    labels = arrays["labels"]
+    if labels.shape[1:] != (len(LABELS),) or (n and not (labels.sum(1) == 1).all()):
+        raise CacheError(f"{where}: labels must be one-hot over {', '.join(LABELS)} (each row "
+                         f"one 1), found shape {labels.shape} with row sums "
+                         f"{sorted(set(labels.sum(1).tolist()))[:5]}")
+    if not np.isin(arrays["split"], (0, 1, 2)).all():
+        raise CacheError(f"{where}: split codes must be 0 (train), 1 (val) or 2 (test)")
+    for name in ("images", "heatmaps"):
+        values = arrays[name]
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0
+                                and values.max() <= 1):
+            raise CacheError(f"{where}: {name} must be finite and in [0, 1]")
+
+
+def input_hash(path: str | Path) -> str | None:
+    """The hash of everything a cache was prepared from (images, labels, split, parameters)."""
+    return _read_manifest(Path(path)).get("input_hash")
 
 
 def data_origin(path: str | Path) -> str:
@@ -456,13 +498,29 @@ def _summary_from(manifest: dict, cache: Path, reused: int, started: float) -> P
     )
 
 
+def _check_prepare_options(size, sigma, workers) -> None:
+    """Refuse options outside their range before any reading or writing (one line each)."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
+        raise DataError(f"prepare: --size must be an integer in [8, 4096] pixels, got {size!r}")
+    if not isinstance(sigma, (int, float)) or not 0 < sigma <= 10_000:  # NaN fails too
+        raise DataError(f"prepare: --sigma must be in (0, 10000] original pixels, got {sigma!r} "
+                        f"(0 would give every image an all-zero gaze map)")
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 1024:
+        raise DataError(f"prepare: --workers must be in [0, 1024] (0: one per core), "
+                        f"got {workers!r}")
+
+
 def _read_manifest(cache: Path) -> dict:
     try:
-        return json.loads((cache / MANIFEST).read_text())
+        manifest = json.loads((cache / MANIFEST).read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
         raise CacheError(f"{cache / MANIFEST}: unreadable manifest ({err})") from err
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{cache / MANIFEST}: not a manifest (a JSON object is expected, "
+                         f"found {type(manifest).__name__})")
+    return manifest
 
 
 @contextmanager

@@ -10,6 +10,7 @@ fixations are named by their line in the file.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +121,10 @@ def read_release(
         dicom_id = row["dicom_id"]
         first = first_row.setdefault(dicom_id, index + 1)
         problem = _row_problem(row, label, first if first != index + 1 else None)
+        dicom = root / row["path"]
+        # Lexically, so that a MIMIC root of symlinks into a data store still works.
+        if problem is None and not Path(os.path.normpath(dicom)).is_relative_to(root):
+            problem = f"path {row['path']!r} leads outside the MIMIC-CXR root"
         if problem is None and dicom_id not in gaze:
             problem = f"no on-image fixation in {FIXATIONS}"
         if problem is not None:
@@ -127,7 +132,7 @@ def read_release(
             continue
         points, times = gaze[dicom_id]
         records.append(ImageRecord(
-            dicom_id=dicom_id, patient_id=row["patient_id"], dicom=root / row["path"],
+            dicom_id=dicom_id, patient_id=row["patient_id"], dicom=dicom,
             label=int(np.argmax(label)), split=int(split), points=points, times=times,
             source=source,
         ))
@@ -157,6 +162,8 @@ def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
         raise DataError(f"{path}: no such file") from err
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: unreadable CSV ({err})") from err
+    except OSError as err:  # a folder in its place, no permission
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from err
     missing = [column for column in required if column not in table.columns]
     if missing:
         raise DataError(f"{path}: missing required column(s) {', '.join(map(repr, missing))}")
