@@ -328,7 +328,13 @@ def _ray(address: str | None):
     if address:
         ray.init(address=address)
     else:
-        # A new local cluster (Ray turns token authentication on for it by default).
+        # A new local cluster (Ray turns token authentication on for it by default), without
+        # the dashboard and without the Prometheus metrics endpoints an unconfigured Ray opens
+        # on 0.0.0.0. What remains cannot be confined to 127.0.0.1 in Ray 2.60: its gRPC
+        # servers (GCS, raylet, workers, this driver) bind every interface, and it maps a node
+        # address of 127.0.0.1 to the machine's own (`resolve_ip_for_localhost`), where its
+        # runtime-env agent listens; the token guards them.
+        os.environ.setdefault("RAY_enable_metrics_collection", "0")
         ray.init(address="local", include_dashboard=False)
     try:
         yield

@@ -1,0 +1,63 @@
+"""What the local Ray of `gazetune search` listens on: no dashboard, no metrics endpoint, and
+beyond loopback only what Ray 2.60 cannot rebind (token authentication guards those)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import psutil
+import pytest
+
+from search.service import _ray
+
+# Ray 2.60 binds these processes' gRPC servers to every interface, with no option to change it;
+# `RAY_AUTH_MODE=token`, on by default for a local cluster, refuses clients without the token.
+GRPC_ON_ALL_INTERFACES = ("gcs_server", "raylet", "ray::", "driver")
+# Ray binds its runtime-env agent's HTTP server to the node address, and turns a node address of
+# 127.0.0.1 into the machine's own (`ray._private.services.resolve_ip_for_localhost`).
+ON_THE_NODE_ADDRESS = ("ray::RuntimeEnvAgent",)
+
+
+def listeners(pids: set[int], driver: int) -> list[tuple[str, int, str]]:
+    names = {driver: "driver"}  # this process: its core worker's gRPC server
+    for pid in pids - {driver}:
+        try:
+            names[pid] = psutil.Process(pid).name()
+        except psutil.NoSuchProcess:
+            pass
+    return [(c.laddr.ip, c.laddr.port, names.get(c.pid, "?"))
+            for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in names]
+
+
+@pytest.mark.slow  # a local Ray start: ~10 s
+def test_the_local_ray_listens_on_loopback_except_its_grpc_servers():
+    me = psutil.Process()
+    with _ray(None):
+        import ray
+
+        @ray.remote
+        def pid():
+            import os
+
+            return os.getpid()
+
+        workers = set(ray.get([pid.remote() for _ in range(2)]))
+        found = listeners({*workers, *(c.pid for c in me.children(recursive=True))}, me.pid)
+    print("\n".join(f"{ip}:{port} {name}" for ip, port, name in sorted(found)))
+    assert found, "no listening socket found: the check would pass vacuously"
+    for ip, port, name in found:
+        address = ipaddress.ip_address(ip)
+        if address.is_loopback:
+            continue
+        if not address.is_unspecified:
+            assert name in ON_THE_NODE_ADDRESS, f"{name} listens on {ip}:{port}"
+            continue
+        assert name.startswith(GRPC_ON_ALL_INTERFACES), (
+            f"{name} listens on all interfaces ({ip}:{port}): not one of Ray's gRPC servers")
+    # What this setup turned off: the dashboard, and the Prometheus metrics endpoints that an
+    # unconfigured local Ray opens on 0.0.0.0 (the dashboard agent's metrics port).
+    assert not any(port == 8265 for _, port, _ in found)
+    agents = [(ip, port) for ip, port, name in found if "DashboardAgent" in name
+              and not ipaddress.ip_address(ip).is_loopback]
+    assert len(agents) <= 1, agents  # its gRPC server only, no metrics export port
