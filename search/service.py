@@ -299,6 +299,7 @@ def _trial_setup(settings: SearchSettings) -> TrialSetup:
         experiment_id=settings.experiment_id, parent_run_id=settings.parent_run_id,
         fixed=settings.fixed, threads=max(1, int(settings.cpus_per_trial)),
         gpu_fraction=settings.gpus_per_trial or 0.0,
+        credentials=tracking.credentials_from_env(),
     )
 
 

@@ -72,6 +72,16 @@ def resolve_tracking_uri(uri: str | None, workdir: Path) -> str:
     return uri
 
 
+# MLflow's client reads these; a server with the basic-auth app (cluster.yaml) needs them.
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def credentials_from_env() -> dict[str, str]:
+    """The tracking server's credentials in this process's environment, to hand to trials
+    (Ray starts workers with the node's environment, not the driver's)."""
+    return {key: os.environ[key] for key in CREDENTIAL_ENV if os.environ.get(key)}
+
+
 def existing_store(uri: str) -> str:
     """`uri` itself, if it can hold a study: reading commands must not create an empty store.
 
@@ -404,6 +414,11 @@ def _retry(call: Callable[[], T], what: str, tracking_uri: str) -> T:
         try:
             return call()
         except Exception as err:
+            if _refused_credentials(err):
+                given = "were refused" if credentials_from_env() else "are not set"
+                raise TrackingError(
+                    f"MLflow tracking server {tracking_uri} requires a login while {what}: "
+                    f"{' and '.join(CREDENTIAL_ENV)} {given}") from None
             if not _transient(err):
                 raise
             left = deadline - time.monotonic()
@@ -418,6 +433,13 @@ def _retry(call: Callable[[], T], what: str, tracking_uri: str) -> T:
                 warned = True
             time.sleep(min(delay, left))
             delay = min(delay * 2, 30.0)
+
+
+def _refused_credentials(err: Exception) -> bool:
+    """An answer of a server with authentication: 401 (no or wrong login), 403 (no right)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(err, MlflowException) and err.get_http_status_code() in (401, 403)
 
 
 def _transient(err: Exception) -> bool:

@@ -43,6 +43,9 @@ class TrialSetup:
     fixed: dict = field(default_factory=dict)  # `--set KEY=VALUE`, typed
     threads: int = 0  # torch threads: the CPUs Ray reserved for the trial
     gpu_fraction: float = 0.0  # the GPU share Ray reserved; the trial caps its memory to it
+    # MLflow credentials of a server with authentication (`tracking.CREDENTIAL_ENV`): in Ray's
+    # object store with the trial's parameters, never in Tune's saved state or in MLflow.
+    credentials: dict = field(default_factory=dict, repr=False)
 
     def trial_config(self, sampled: dict, checkpoint_dir: Path) -> dict:
         """The `trainable.config.TrialConfig` dict of one trial."""
@@ -86,6 +89,7 @@ def trial_fn(config: dict, setup: TrialSetup, train: Callable | None = None) -> 
         resume_from = checkpoint.to_directory(str(state))
     # The whole config, defaults included, is what MLflow keeps as the trial's params.
     trial_config = TrialConfig.from_dict(setup.trial_config(config, state)).to_dict()
+    os.environ.update(setup.credentials)
     run = tracking.TrialRun(setup.tracking_uri, setup.experiment_id, setup.parent_run_id,
                             trial_id, trial_config)
     # Ray logs a line per persisted checkpoint (each epoch); the trial's run says it already.

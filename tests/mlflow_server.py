@@ -7,6 +7,7 @@ stopped and started again on the same port, which is how tests simulate a tracki
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,8 +30,9 @@ def free_port() -> int:
 class MlflowServer:
     """One `mlflow server` process group, started and stopped by the test that owns it."""
 
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(self, root: Path, port: int | None = None, admin_password: str | None = None):
         self.root = Path(root).absolute()
+        self.admin_password = admin_password  # MLflow's basic-auth app with user "gazetune"
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -47,6 +49,17 @@ class MlflowServer:
         # The job runner (a dozen huey consumers) serves GenAI features we do not use and
         # would take the CPU the tests need.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if self.admin_password:  # as cluster.yaml starts the head's server
+            config = self.root / "basic_auth.ini"
+            config.write_text(
+                "[mlflow]\ndefault_permission = READ\n"
+                f"database_uri = sqlite:///{self.root / 'basic_auth.db'}\n"
+                "admin_username = gazetune\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            cmd += ["--app-name", "basic-auth"]
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(config),
+                       MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password,
+                       MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
         with open(self.log, "ab") as log:
             # A session of its own, so that stop() ends the server and its uvicorn child together.
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
