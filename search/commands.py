@@ -60,7 +60,7 @@ def _search(args) -> int:
     from search.service import SearchSettings, parse_fixed, run_search
 
     settings = SearchSettings(
-        name=args.name or time.strftime("search-%Y%m%d-%H%M%S"),
+        name=time.strftime("search-%Y%m%d-%H%M%S") if args.name is None else args.name,
         space=args.space, samples=args.samples, max_epochs=args.max_epochs,
         grace_period=args.grace_period, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, seed=args.seed,

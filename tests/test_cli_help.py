@@ -80,3 +80,34 @@ def test_train_refuses_an_unwritable_sqlite_store_at_once(tmp_path, small_cache)
                     f"sqlite:///{blocker}/sub/mlflow.db", cwd=tmp_path, check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "MLflow store folder" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["/tmp/x/victim", "../../escape", "", ".hidden", "a/b",
+                                  "x" * 101])
+def test_every_command_that_takes_a_study_name_refuses_a_path(tmp_path, name):
+    (tmp_path / "mlflow.db").write_bytes(b"")  # the reading commands would otherwise stop first
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for command in (["export", name], ["evaluate", name], ["resume", name],
+                    ["train", "--experiment", name, "epochs=1"],
+                    ["search", "--name", name]):
+        done = gazetune(*command, cwd=tmp_path, check=False)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (command, done.stderr)
+        assert "use letters, digits" in done.stderr, (command, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_checkpoint_with_broken_json_is_one_line(tmp_path):
+    from trainable.checkpoint import load_best, save_best
+    from trainable.errors import GazetuneError
+
+    save_best(tmp_path, {}, {"lr": 1e-3}, {"epoch": 1})
+    (tmp_path / "best" / "config.json").write_text("{not json")
+    with pytest.raises(GazetuneError, match=r"config\.json: unreadable"):
+        load_best(tmp_path)
+    (tmp_path / "best" / "config.json").write_text("[1, 2]")
+    with pytest.raises(GazetuneError, match="a JSON object is expected"):
+        load_best(tmp_path)
+    # The downloaded artifact folder (the best files themselves) loads as well.
+    save_best(tmp_path, {}, {"lr": 1e-3}, {"epoch": 1})
+    assert load_best(tmp_path / "best")[1:] == ({"lr": 1e-3}, {"epoch": 1})
