@@ -70,9 +70,9 @@ def evaluate_study(name: str, run_id: str | None = None, protocol: str = "strati
         cache = config["cache"]
     cfg = TrialConfig.from_dict({**config, "cache": cache, "boot_protocol": protocol,
                                  "n_boot": n_boot, "checkpoint_dir": None})
+    out = export.claim_report_folder(export.absolute(reports, workdir) / name)
     metrics, figure, counts = _evaluate(state, cfg)
 
-    out = export.absolute(reports, workdir) / name
     result = {
         "study": name, "run_id": trial.run_id, "trial": trial.number,
         "method": "/".join(p for p in trial.method if p), "epoch": trial.epoch,

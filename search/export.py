@@ -130,8 +130,7 @@ def export(name: str, tracking_uri: str | None = None, reports: str | Path = "re
     if not ranked:
         raise GazetuneError(f"study {name!r} at {uri}: no finished trial with a validation score "
                             f"yet ({len(trials)} trial run(s))")
-    out = absolute(reports, workdir) / name
-    (out / FIGURES).mkdir(parents=True, exist_ok=True)
+    out = claim_report_folder(absolute(reports, workdir) / name)
     remove_stale_temporaries(out, out / FIGURES)
 
     write_json(out / BEST_CONFIGS, best_configs(ranked[:top_k], previous=out / BEST_CONFIGS))
@@ -493,6 +492,31 @@ def _copy_panels(rows: list[Row], tracking_uri: str, folder: Path) -> dict[str, 
 
 # ---------------------------------------------------------------------------------------------
 # Files
+
+
+# export always writes best_configs.json, evaluate evaluation.json: a folder with either is a
+# report of this tool.
+REPORT_MARKS = (BEST_CONFIGS, "evaluation.json")
+
+
+def claim_report_folder(out: Path) -> Path:
+    """`out`, created with its figures/ folder, unless it already holds files and is not a
+    report this tool wrote (then nothing is written).
+
+    Raises:
+        GazetuneError: `out` is a file, or a folder with other content and no report in it.
+    """
+    if out.exists() and not out.is_dir():
+        raise GazetuneError(f"{out} is a file, not a report folder")
+    # An empty figures/ folder is what a claim before a failed evaluation leaves.
+    content = [p for p in out.iterdir() if not (p.name == FIGURES and p.is_dir()
+                                                and not any(p.iterdir()))] if out.is_dir() else []
+    if content and not any((out / mark).is_file() for mark in REPORT_MARKS):
+        raise GazetuneError(f"{out} holds files that gazetune did not write: reports go into a "
+                            f"new folder or one that export or evaluate wrote (choose another "
+                            f"--reports)")
+    (out / FIGURES).mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def write_json(path: Path, obj) -> None:

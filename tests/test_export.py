@@ -323,3 +323,17 @@ def test_evaluating_another_trial_writes_beside_the_best_trials_files(study, tmp
     assert (folder / "figures" / f"test_heatmaps_trial-{other.number}.png").is_file()
     assert f"test_heatmaps_trial-{other.number}.png" in (
         folder / f"evaluation-trial-{other.number}.md").read_text()
+
+
+def test_export_never_writes_into_a_folder_it_did_not_write(study, tmp_path):
+    workdir, uri, _, _ = study
+    foreign = tmp_path / "reports" / STUDY
+    foreign.mkdir(parents=True)
+    (foreign / "summary.md").write_text("a researcher's notes")
+    with pytest.raises(GazetuneError, match="holds files that gazetune did not write"):
+        export(STUDY, tracking_uri=uri, reports=tmp_path / "reports", workdir=workdir)
+    assert [p.name for p in foreign.iterdir()] == ["summary.md"]
+    assert (foreign / "summary.md").read_text() == "a researcher's notes"
+    # A folder export wrote itself is written again.
+    export(STUDY, tracking_uri=uri, reports=tmp_path / "again", workdir=workdir)
+    export(STUDY, tracking_uri=uri, reports=tmp_path / "again", workdir=workdir)
