@@ -91,7 +91,17 @@ def _files(paths: Iterable[str | Path]) -> Iterator[Path]:
 
 
 def _views(data: bytes, depth: int = 0) -> Iterator[bytes]:
-    """The bytes, then whatever they hold in unpacked form."""
+    """The bytes, then whatever they hold in unpacked form. A zip archive is read member by
+    member instead of as raw bytes (see `_zip_members`)."""
+    if data.startswith(b"PK\x03\x04") and depth < MAX_DEPTH:
+        try:
+            members = _zip_members(data)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
+            members = None  # not a zip after all: searched as raw bytes below
+        if members is not None:
+            for inner in members:
+                yield from _views(inner, depth + 1)
+            return
     yield data
     if depth >= MAX_DEPTH:
         return
@@ -114,12 +124,19 @@ def _views(data: bytes, depth: int = 0) -> Iterator[bytes]:
         yield from _views(inner, depth + 1)
 
 
+# A torch checkpoint's tensor storages: raw numbers, gigabytes across a search's checkpoints.
+_TENSOR_STORAGE = re.compile(r"(^|/)data/\d+$")
+
+
 def _zip_members(data: bytes) -> list[bytes]:
-    # Stored (uncompressed) members are already visible in the raw bytes; torch checkpoints
-    # and np.savez store theirs, and reading them again would only double the work.
+    """The member names, then every member but torch tensor storages (`<archive>/data/<n>`):
+    the pickled structure, config and metrics beside them are searched; the weights, which
+    cannot hold an identifier as text, are not (they made a demo's scan take many minutes)."""
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return [archive.read(info) for info in archive.infolist()
-                if info.compress_type != zipfile.ZIP_STORED]
+        infos = archive.infolist()
+        names = "\n".join(info.filename for info in infos).encode()
+        return [names] + [archive.read(info) for info in infos
+                          if not _TENSOR_STORAGE.search(info.filename)]
 
 
 def _png_texts(data: bytes) -> list[bytes]:
