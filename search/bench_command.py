@@ -30,8 +30,20 @@ def add_to(subparsers) -> None:
 
 
 def _bench(args) -> int:
+    import re
+
     from trainable.errors import GazetuneError
 
+    for option, value, low, high in (("--size", args.size, 32, 4096), ("--batch", args.batch, 2,
+                                     4096), ("--repeats", args.repeats, 1, 10_000),
+                                     ("--threads", args.threads, 0, 4096)):
+        if not low <= value <= high:
+            raise GazetuneError(f"bench: {option} must be in [{low}, {high}], got {value}")
+    if args.size % 32:
+        raise GazetuneError(f"bench: --size must be a multiple of 32 (the U-Net halves it five "
+                            f"times), got {args.size}")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise GazetuneError(f"bench: --device must be cpu, cuda or cuda:N, got {args.device!r}")
     if not BENCH.is_file():
         raise GazetuneError(f"gazetune bench needs the source checkout: {BENCH} not found")
     spec = importlib.util.spec_from_file_location("gazetune_bench", BENCH)
