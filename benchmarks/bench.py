@@ -1,4 +1,4 @@
-"""The performance figures of issue 6, measured side by side in one run, on whatever device runs it.
+"""The performance figures, measured side by side in one run, on whatever device runs it.
 
 Run: `gazetune bench [--size 128] [--batch 4] [--quick]` or `python benchmarks/bench.py ...`.
 Prints the device name and, each measured in this run:
@@ -41,9 +41,9 @@ from trainable.loop import DeviceData, compute_terms, draw_figures, evaluate  # 
 
 TRAIN_IMAGES, VAL_IMAGES = 813, 108  # Watanabe et al.'s 80/10/10 split of 1,017 images
 PAPER_TRIALS, PAPER_EPOCHS, PAPER_BATCH = 64, 35, 32
-GPU_PLAIN_STEP_S = (0.035, 0.043)  # DESIGN.md section 5: H200, batch 32, 224 px
+GPU_PLAIN_STEP_S = (0.035, 0.043)  # measured on an H200, batch 32, 224 px
 NAIVE_RATIO = 23.0  # set1/set3 step with PyTorch's own double backward, same H200
-DETACHED_MAP_RATIO = 1.2  # set2 (map without create_graph), DESIGN.md section 5: 1.1-1.3x
+DETACHED_MAP_RATIO = 1.2  # set2 (map without create_graph), measured on the CPU: 1.1-1.3x
 # The paper space (spaces/paper.py) draws among 5 loss sets; assume an even mix: set1 and set3
 # (a differentiable map) 2/5, set2 (a detached map) 1/5, baseline and classifier (plain) 2/5.
 PAPER_MIX = {"map in the loss": 0.4, "detached map": 0.2, "plain": 0.4}
@@ -317,8 +317,8 @@ def projection(map_ratio: float, measured_on_gpu: bool) -> None:
     source = "measured here" if measured_on_gpu else "the CPU ratio, to confirm on a GPU"
     print(f"assumptions: {steps:,} steps of batch {PAPER_BATCH} ({PAPER_TRIALS} trials x "
           f"{PAPER_EPOCHS} epochs x {math.ceil(TRAIN_IMAGES / PAPER_BATCH)}); plain step "
-          f"{1e3 * GPU_PLAIN_STEP_S[0]:.0f}-{1e3 * GPU_PLAIN_STEP_S[1]:.0f} ms (H200, DESIGN.md "
-          f"section 5); map step {NAIVE_RATIO:.0f}x plain before, {map_ratio:.2f}x after "
+          f"{1e3 * GPU_PLAIN_STEP_S[0]:.0f}-{1e3 * GPU_PLAIN_STEP_S[1]:.0f} ms (H200, measured "
+          f"before this code); map step {NAIVE_RATIO:.0f}x plain before, {map_ratio:.2f}x after "
           f"(slowest fast-path ratio, {source}); set2 {DETACHED_MAP_RATIO}x; training steps "
           f"only (validation adds its share above); no packing")
     mix = {"before": PAPER_MIX["map in the loss"] * NAIVE_RATIO,

@@ -3,7 +3,7 @@
 Run: `python benchmarks/bench_metrics.py [--n-boot 2000] [--repeats 5]`. Prints the machine, the
 time of `bootstrap_auc` (2,000 resamples x 3 classes x 108 images, the dataset authors' test
 split size), the time of `roc_auc_score` looped over the same resamples, their ratio, and the
-largest difference between the two per-resample AUCs (issue 6, target 4: >= 20x and equal).
+largest difference between the two per-resample AUCs (target: >= 20x and equal).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ trial's network (smp U-Net, efficientnet-b0 encoder, encoder_weights=None, 1 cha
 head) and times, in one run and interleaved, a plain step (the baseline loss) and set1/set3
 steps with a differentiable map from each generator, through the reference path (PyTorch's own
 double backward of the depthwise convolutions) and the fast path (`trainable.fast_conv`). Prints
-the device, the best and median step times and their ratios to the plain step (issue 6, target
+the device, the best and median step times and their ratios to the plain step (target
 1: <= 3x on an H100/H200 at 224 px, bf16, batch 32; <= 2.5x on the 2-core CPU at 128 px, batch
 4). On a shared machine the best time is the one least disturbed by other loads. On CUDA,
 `--bf16` and `--channels-last` give the training loop's settings.

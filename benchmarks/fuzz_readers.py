@@ -1,4 +1,4 @@
-"""Fuzz the DICOM and CSV readers with thousands of mutated inputs (issue 7, "Bad input").
+"""Fuzz the DICOM and CSV readers with thousands of mutated inputs.
 
 Run: `python benchmarks/fuzz_readers.py [--dicoms 3000] [--tables 2000] [--seed 0] [--full]`.
 Uses the machinery of `tests/test_fuzz.py` (the seeds, the mutations and the judge in a child

@@ -1,4 +1,4 @@
-"""Does gaze supervision recover the test AUC that a shortcut costs? (issue 3, "What it must show")
+"""Does gaze supervision recover the test AUC that a shortcut costs?
 
 Run: `python benchmarks/gaze_supervision.py [--images 600] [--size 64] [--epochs 8]
 [--seeds 0 1 2] [--shortcut 1.0] [--subtlety 0.0] [--configs NAME ...] [--work DIR] [--out DIR]`.

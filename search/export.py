@@ -1,4 +1,4 @@
-"""`gazetune export NAME`: a study's MLflow runs turned into `reports/NAME/` (DESIGN.md section 4).
+"""`gazetune export NAME`: a study's MLflow runs turned into `reports/NAME/`.
 
 MLflow is the source of truth: every trial's child run holds its params (the full trial config),
 its per-epoch validation AUCs and its best checkpoint. A trial is scored at its best validation
@@ -39,7 +39,7 @@ BEST_CONFIGS, SUMMARY, FIGURES = "best_configs.json", "summary.md", "figures"
 MIN_IMPORTANCE_TRIALS = 3  # fANOVA runs with 2, but 2 scores say nothing about 4 parameters
 PANELS_PREFIX = "val_heatmaps_"  # heatmap panels copied from each configuration's best run
 
-# Watanabe et al. 2022 (DESIGN.md section 1): mean (auc, lo, hi) and per-class AUC on their test
+# Watanabe et al. 2022, as published: mean (auc, lo, hi) and per-class AUC on their test
 # split of about 100 images. Keys: (loss_set, generator or None).
 PAPER = {
     ("baseline", None): ("baseline U-Net", (0.872, 0.840, 0.897), (0.923, 0.916, 0.781)),

@@ -2,7 +2,7 @@
 
 One trial rarely fills a modern GPU (an efficientnet-b0 U-Net at 224 px, batch 32, uses 2.4 GiB
 and about half the H200's compute), so a search packs several trials per GPU: four trials of a
-quarter GPU gave 1.76x the images/s of one trial on an H200 (DESIGN.md section 5). The number
+quarter GPU gave 1.76x the images/s of one trial on an H200 (measured). The number
 that fits depends on the image size, which is where a fixed share goes wrong: at 512 px a trial
 needs about 5x the memory it needs at 224 px.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-BASE_GIB = 2.4  # plain step, 224 px, batch 32, bf16 (DESIGN.md section 5)
+BASE_GIB = 2.4  # plain step, 224 px, batch 32, bf16 (measured)
 SALIENCY_PEAK = 2.5  # set1/set3 peak memory / plain step's, the upper end measured
 CONTEXT_GIB = 0.6  # CUDA context and allocator slack of each trial's process
 USABLE = 0.85  # of the GPU's memory: fragmentation, the driver's own share

@@ -1,7 +1,7 @@
 """MLflow tracking of searches and trials: the only module that talks to MLflow.
 
 One experiment per study, one parent run per search, exactly one child run per trial (found
-again by its tag `ray.trial_id` after a retry or a resume), as DESIGN.md section 4 specifies.
+again by its tag `ray.trial_id` after a retry or a resume).
 Every call goes through `MlflowClient` with explicit run ids: the driver, the parent and the
 trials' runs interleave, so MLflow's global "active run" would mix them up.
 

@@ -1,7 +1,7 @@
 """The paper's space plus what it lacked: class-sensitive generators and the `rrr` loss set.
 
 `gradient` and `gradcam` depend on the class where guided backprop and deconvnet barely do
-(DESIGN.md section 2); `rrr` (Ross et al. 2017) penalises input gradients outside the gaze region.
+(measured on this network); `rrr` (Ross et al. 2017) penalises input gradients outside the gaze region.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def _paper_point(loss_set: str, generator: str | None = None) -> dict:
     return point
 
 
-# The paper's eight configurations (DESIGN.md section 1), queued first with `--paper-points`.
+# The eight configurations of Watanabe et al. (2022), queued first with `--paper-points`.
 PAPER_POINTS = [
     _paper_point("baseline"),
     _paper_point("classifier"),

@@ -1,4 +1,4 @@
-"""Find patient, study and DICOM identifiers in whatever a run wrote (issue 7, Security).
+"""Find patient, study and DICOM identifiers in whatever a run wrote.
 
 `scan_for_identifiers(paths, identifiers)` reads every file under `paths` as a curious reader
 could: the raw bytes, and what they hold once unpacked: compressed zip members (`.npz`,

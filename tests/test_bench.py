@@ -1,4 +1,4 @@
-"""`gazetune bench --quick`: one real smoke run prints every figure of issue 6."""
+"""`gazetune bench --quick`: one real smoke run prints every figure of the performance section."""
 
 import argparse
 import re

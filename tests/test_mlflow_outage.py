@@ -1,4 +1,4 @@
-"""The MLflow tracking server stopped in the middle of a real search (issue 7, point 3).
+"""The MLflow tracking server stopped in the middle of a real search.
 
 A real `mlflow server` (tests/mlflow_server.py) and a real `gazetune search` subprocess. The
 server is stopped once the first trial has logged an epoch; it comes back on the same port with

@@ -111,7 +111,7 @@ def test_config_errors_name_the_key():
 
 
 def test_cyclic_schedule_matches_the_dataset_authors():
-    """Effective rates of their published U-Net run (lr 0.0090552, step 2), egd-cxr-format §3.5."""
+    """Effective rates of their published U-Net run (lr 0.0090552, step 2), the dataset authors' code."""
     lr = 0.0090552
     f = CyclicFactor(2, lr)
     effective = [lr * f(e) for e in range(7)]

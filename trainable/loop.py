@@ -384,7 +384,7 @@ class CyclicFactor:
     """The dataset authors' `cyclical_lr(step_sz, min_lr=lr, max_lr=1, mode='triangular2')`.
 
     LambdaLR multiplies the base rate by this factor, so the effective rate oscillates between
-    lr² and lr with peaks halving every cycle (egd-cxr-format.md §3.5), stepped per epoch.
+    lr² and lr with peaks halving every cycle (their published training code), stepped per epoch.
     """
 
     def __init__(self, step: int, lr: float):

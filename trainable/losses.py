@@ -1,6 +1,6 @@
 """The loss sets: pure functions of tensors that return named terms.
 
-Notation (DESIGN.md section 1): cls = BCE-with-logits on the 3 labels; M = the decoder's mask
+Notation: cls = BCE-with-logits on the 3 labels; M = the decoder's mask
 logits; G = the generator's saliency map; E = the static eye-gaze heatmap. Every map-vs-map term
 is `map_alignment`, 1 - Pearson CC, so that Set 3's ratio r mixes comparable quantities.
 

@@ -1,9 +1,8 @@
 """`gazetune synth`: a synthetic release in the exact EGD-CXR and MIMIC-CXR layout.
 
 Real rows of EGD-CXR are covered by a data-use agreement, so tests, the demo and the CI build
-their data here. Everything the reader meets in the real release is reproduced (see
-`shared/reference/egd-cxr-format.md`, sections 1 and 6): the byte-identical headers, quoted
-multi-line text, ICD codes that look numeric, empty CheXpert cells, calibration screens that
+their data here. Everything the reader meets in the real release is reproduced: the byte-identical
+headers, quoted multi-line text, ICD codes that look numeric, empty CheXpert cells, calibration screens that
 are not in the master sheet, fixations off the image, the authors' screen-to-image mapping
 with its 1080-pixel height, odd DICOM sizes, 10- to 16-bit pixels in both photometric
 interpretations, with and without rescale and window. The images come from `phantom`.
@@ -40,7 +39,7 @@ from trainable.data.egd import SYNTHETIC_MARK
 from trainable.data.split import TEST, patient_split
 from trainable.errors import GazetuneError
 
-# The release's headers, byte for byte (egd-cxr-format.md 1.2-1.4).
+# The release's headers, byte for byte (master sheet, fixations, bounding boxes).
 MASTER_COLUMNS = tuple(
     "dicom_id,path,study_id,patient_id,stay_id,gender,anchor_age,image_top_pad,image_bottom_pad,"
     "image_left_pad,image_right_pad,dx1,dx1_icd,dx2,dx2_icd,dx3,dx3_icd,dx4,dx4_icd,dx5,dx5_icd,"
