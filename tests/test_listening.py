@@ -18,6 +18,18 @@ GRPC_ON_ALL_INTERFACES = ("gcs_server", "raylet", "ray::", "driver")
 ON_THE_NODE_ADDRESS = ("ray::RuntimeEnvAgent",)
 
 
+def session_processes(session: str) -> set[int]:
+    """The processes of one Ray session: their command lines name its session; other children
+    of this test process (servers of earlier tests, another Ray) are not counted."""
+    pids = set()
+    for process in psutil.process_iter(["cmdline"]):
+        if session in " ".join(process.info["cmdline"] or ()):
+            pids.add(process.pid)
+            # The raylet's agents rename themselves (ray::DashboardAgent): found as its children.
+            pids.update(child.pid for child in process.children(recursive=True))
+    return pids
+
+
 def listeners(pids: set[int], driver: int) -> list[tuple[str, int, str]]:
     names = {driver: "driver"}  # this process: its core worker's gRPC server
     for pid in pids - {driver}:
@@ -43,7 +55,8 @@ def test_the_local_ray_listens_on_loopback_except_its_grpc_servers():
             return os.getpid()
 
         workers = set(ray.get([pid.remote() for _ in range(2)]))
-        found = listeners({*workers, *(c.pid for c in me.children(recursive=True))}, me.pid)
+        session = ray._private.worker.global_worker.node.session_name
+        found = listeners({*workers, *session_processes(session)}, me.pid)
     print("\n".join(f"{ip}:{port} {name}" for ip, port, name in sorted(found)))
     assert found, "no listening socket found: the check would pass vacuously"
     for ip, port, name in found:
