@@ -334,7 +334,9 @@ def _ray(address: str | None):
         # on 0.0.0.0. What remains cannot be confined to 127.0.0.1 in Ray 2.60: its gRPC
         # servers (GCS, raylet, workers, this driver) bind every interface, and it maps a node
         # address of 127.0.0.1 to the machine's own (`resolve_ip_for_localhost`), where its
-        # runtime-env agent listens; the token guards them.
+        # runtime-env and dashboard agents serve HTTP; the token guards the gRPC servers. The
+        # autoscaler monitor and the dashboard head still serve Prometheus metrics on 0.0.0.0
+        # (ports 44217, 44227): Ray binds them to loopback only for a loopback head address.
         os.environ.setdefault("RAY_enable_metrics_collection", "0")
         ray.init(address="local", include_dashboard=False)
     try:
