@@ -57,8 +57,8 @@ def evaluate_study(name: str, run_id: str | None = None, protocol: str = "strati
                             f"got {n_boot}")
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
     trials = export.read_trials(uri, name)
-    trial = _pick_trial(trials, name, run_id)
     ranked = export.ranked_trials(trials)
+    trial = _pick_trial(trials, ranked, name, run_id)
     # Another trial's evaluation goes beside the best trial's, never over it.
     files = report_files(None if ranked and ranked[0].run_id == trial.run_id else trial.number)
     with tempfile.TemporaryDirectory(prefix="gazetune-evaluate-") as scratch:
@@ -118,8 +118,7 @@ def pull_checkpoint(run_id: str, tracking_uri: str, scratch: Path) -> tuple[dict
         raise GazetuneError(f"run {run_id} at {tracking_uri}: no checkpoint/ artifact to "
                             f"evaluate ({str(err).strip().splitlines()[0][:300]})") from None
     # The artifact holds a checkpoint folder's best/ files: model.pt, config.json, metrics.json.
-    state, config, metrics = load_best(Path(local))
-    return state, config, metrics
+    return load_best(Path(local))
 
 
 def _check_same_cache(cache: str, trained_on: str | None, number: int) -> None:
@@ -141,9 +140,9 @@ def _check_same_cache(cache: str, trained_on: str | None, number: int) -> None:
                             f"the trial's {trained_on[:12]}); evaluate on the study's own cache")
 
 
-def _pick_trial(trials: list, name: str, run_id: str | None):
+def _pick_trial(trials: list, ranked: list, name: str, run_id: str | None):
+    """Run `run_id` among `trials`, or the best of `ranked` when it is None."""
     if run_id is None:
-        ranked = export.ranked_trials(trials)
         if not ranked:
             raise GazetuneError(f"study {name!r}: no finished trial with a validation score "
                                 f"to evaluate")

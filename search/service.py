@@ -422,9 +422,7 @@ def _check_storage(settings: SearchSettings) -> None:
 
     if not _is_uri(settings.storage):
         check_writable(settings.storage, "search storage (--storage)")
-    if settings.tracking_uri.startswith("sqlite:///"):
-        check_writable(Path(settings.tracking_uri.removeprefix("sqlite:///")).parent,
-                       "MLflow store folder (the working directory unless --tracking-uri)")
+    tracking.check_store_writable(settings.tracking_uri)
 
 
 def _check_fixed(space: Callable, settings: SearchSettings) -> None:

@@ -82,6 +82,16 @@ def credentials_from_env() -> dict[str, str]:
     return {key: os.environ[key] for key in CREDENTIAL_ENV if os.environ.get(key)}
 
 
+def check_store_writable(uri: str) -> None:
+    """Refuse an embedded SQLite store whose folder cannot be written, at once rather than
+    after the retries of a failing store (a server's URI is not checked here)."""
+    if uri.startswith("sqlite:///"):
+        from trainable.checkpoint import check_writable
+
+        check_writable(Path(uri.removeprefix("sqlite:///")).parent,
+                       "MLflow store folder (the working directory unless --tracking-uri)")
+
+
 def existing_store(uri: str) -> str:
     """`uri` itself, if it can hold a study: reading commands must not create an empty store.
 
@@ -370,10 +380,7 @@ def train_logged(config: dict, experiment: str, tracking_uri: str | None) -> dic
     from trainable import train
 
     uri = resolve_tracking_uri(tracking_uri, Path.cwd())
-    if uri.startswith("sqlite:///"):  # refused now, not after the retries of a failing store
-        from trainable.checkpoint import check_writable
-
-        check_writable(Path(uri.removeprefix("sqlite:///")).parent, "MLflow store folder")
+    check_store_writable(uri)
     experiment_id = ensure_experiment(experiment, uri)
     run = TrialRun(uri, experiment_id, None, f"train-{uuid.uuid4().hex[:8]}", config,
                    tags={"gazetune.role": "train"})
