@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from trainable.config import CLASS_NAMES
 from trainable.metrics import bootstrap_auc, multiplicity, resample_indices, weighted_auc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from machine import cpu_name  # noqa: E402
 
-NAMES = ("Normal", "CHF", "pneumonia")
 COUNTS = (30, 42, 36)  # class counts of the 108-image test split
 
 
@@ -48,7 +48,7 @@ def measure(n_boot: int = 2000, repeats: int = 5) -> dict[str, float]:
     resamples, and the largest difference between their per-resample AUCs."""
     y, s = synthetic_predictions()
     indices = resample_indices(y, n_boot=n_boot, seed=0)
-    fast = best_time(lambda: bootstrap_auc(y, s, NAMES, n_boot=n_boot, seed=0), repeats)
+    fast = best_time(lambda: bootstrap_auc(y, s, CLASS_NAMES, n_boot=n_boot, seed=0), repeats)
     start = time.perf_counter()
     reference = np.array([[roc_auc_score(y[i, c], s[i, c]) for c in range(3)] for i in indices])
     slow = time.perf_counter() - start
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     m = measure(args.n_boot, args.repeats)
     fast, slow, diff = m["fast"], m["slow"], m["diff"]
     print(f"machine: {cpu_name()} ({platform.machine()}), Python {platform.python_version()}")
-    print(f"task: {args.n_boot} resamples x {len(NAMES)} classes x {m['images']} images")
+    print(f"task: {args.n_boot} resamples x {len(CLASS_NAMES)} classes x {m['images']} images")
     print(f"bootstrap_auc (best of {args.repeats}):   {fast * 1e3:9.1f} ms")
     print(f"roc_auc_score loop, same resamples: {slow * 1e3:9.1f} ms")
     print(f"ratio: {slow / fast:.0f}x   (target >= 20x)")

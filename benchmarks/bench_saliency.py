@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from trainable.generators import saliency
+from trainable.loss_sets import LOSS_SETS
 from trainable.losses import loss_terms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
@@ -93,9 +94,11 @@ def timed(step, device) -> float:
     return time.perf_counter() - start
 
 
+# The loss sets whose step differentiates through the map: set1, set3.
+MAP_TRAINED = tuple(name for name, spec in LOSS_SETS.items() if spec.trains_through_map)
 STEP_NAMES = ("plain (baseline)",) + tuple(
     f"{loss_set} {generator} {path}"
-    for loss_set in ("set1", "set3")
+    for loss_set in MAP_TRAINED
     for generator in ("guided_backprop", "deconvnet")
     for path in ("slow", "fast"))
 
@@ -130,7 +133,7 @@ def print_steps(times: dict[str, list[float]]) -> None:
     for name in times:
         print(f"{name:<30} {1e3 * best[name]:>8.0f} {1e3 * median[name]:>10.0f} "
               f"{best[name] / best[plain]:>13.2f} {median[name] / median[plain]:>7.2f}")
-    for loss_set in ("set1", "set3"):
+    for loss_set in MAP_TRAINED:
         for generator in ("guided_backprop", "deconvnet"):
             slow, fast = f"{loss_set} {generator} slow", f"{loss_set} {generator} fast"
             if slow not in times:

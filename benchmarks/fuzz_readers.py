@@ -1,16 +1,18 @@
 """Fuzz the DICOM and CSV readers with thousands of mutated inputs.
 
 Run: `python benchmarks/fuzz_readers.py [--dicoms 3000] [--tables 2000] [--seed 0] [--full]`.
-Uses the machinery of `tests/test_fuzz.py` (the seeds, the mutations and the judge in a child
-process); `--full` adds the full-size public chest radiograph (RG1, 1955 x 1841, uncompressed
-and JPEG 2000) to the DICOM seeds. Prints, per reader, the number of inputs, the time, and the
-histogram of outcomes: loaded, refused with a `DataError` (by reason), and the failures (any
-other exception, a crash, a hang), each failure with the case that caused it. Exits 1 if any.
+Uses the machinery of `tests/test_fuzz.py`, kept in `tests/fuzzing.py` (the seeds, the
+mutations and the judge in a child process); `--full` adds the full-size public chest radiograph
+(RG1, 1955 x 1841, uncompressed and JPEG 2000) to the DICOM seeds. Prints, per reader, the
+number of inputs, the time, and the histogram of outcomes: loaded, refused with a `DataError`
+(by reason), and the failures (any other exception, a crash, a hang), each failure with the case
+that caused it. Exits 1 if any.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import test_fuzz  # noqa: E402  (the fuzzing machinery lives beside the tests that use it)
+import fuzzing  # noqa: E402  (the fuzzing machinery lives beside the tests that use it)
 
 
 def fuzz(name: str, strategy, run, examples: int, rng_seed: int) -> tuple[Counter, list, float]:
@@ -31,13 +33,13 @@ def fuzz(name: str, strategy, run, examples: int, rng_seed: int) -> tuple[Counte
 
     # Generation only: nothing is replayed or shrunk, every failure is kept and reported.
     @seed(rng_seed)
-    @settings(test_fuzz.FUZZ, max_examples=examples, phases=[Phase.generate],
+    @settings(fuzzing.FUZZ, max_examples=examples, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(case=strategy)
     def campaign(case):
         verdict, detail = run(case)
         outcomes[f"{verdict}: {detail}" if detail else verdict] += 1
-        if verdict in test_fuzz.FAILURES:
+        if verdict in fuzzing.FAILURES:
             failures.append((case, verdict, detail))
         done = sum(outcomes.values())
         if done % 250 == 0:
@@ -68,16 +70,16 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a hang")
     args = parser.parse_args()
 
-    print(f"machine: {platform.node()}, {test_fuzz.os.cpu_count()} CPUs, Python "
+    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}; per-input timeout {args.timeout:g} s")
     found = 0
     with tempfile.TemporaryDirectory(prefix="gazetune-fuzz-") as folder:
-        space = test_fuzz.Workspace.create(Path(folder), full=args.full, timeout_s=args.timeout)
+        space = fuzzing.Workspace.create(Path(folder), full=args.full, timeout_s=args.timeout)
         try:
             seeds = tuple(space.dicoms)
             for name, strategy, run, examples in (
-                ("read_dicom", test_fuzz.dicom_cases(seeds), space.run_dicom, args.dicoms),
-                ("read_release", test_fuzz.table_cases(), space.run_tables, args.tables),
+                ("read_dicom", fuzzing.dicom_cases(seeds), space.run_dicom, args.dicoms),
+                ("read_release", fuzzing.table_cases(), space.run_tables, args.tables),
             ):
                 if examples:
                     outcomes, failures, seconds = fuzz(name, strategy, run, examples, args.seed)

@@ -3,7 +3,7 @@
 Run: `python benchmarks/gaze_supervision.py [--images 600] [--size 64] [--epochs 8]
 [--seeds 0 1 2] [--shortcut 1.0] [--subtlety 0.0] [--configs NAME ...] [--work DIR] [--out DIR]`.
 
-Two synthetic releases from the same seed (`trainable.data.synthetic`): one without the
+Two synthetic releases from the same seed (`synthetic.release`): one without the
 shortcut (the ceiling) and one where a lead marker sits in a class-dependent corner of every
 train and validation image with probability `--shortcut`, and in a random corner of the test
 images. Every configuration below trains on its release with the same budget and seeds; the best
@@ -42,13 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthetic.release import synthesize
 from trainable import train
 from trainable.checkpoint import load_best, load_torch
 from trainable.config import CLASS_NAMES, TrialConfig
 from trainable.data import load_cache
 from trainable.data.cache import prepare
-from trainable.data.synthetic import synthesize
 from trainable.loop import DeviceData, compute_terms, evaluate, explain
+from trainable.loss_sets import LOSS_SETS, applies
 from trainable.metrics import multiplicity, paired_bootstrap_diff, resample_indices, weighted_auc
 from trainable.model import build_model, calibrate_batchnorm
 
@@ -76,8 +77,8 @@ CONFIGS = {
                                        "loss_weight": 5.0}),
 }
 REFERENCE, CEILING = "classifier", "ceiling"
-# A marker covers 3-10% of the shorter side from two edges (phantom.marker_box); after the
-# square resize that is at most 13% of the side, so these corner squares hold it whole.
+# A marker covers 3-10% of the shorter side from two edges (synthetic.phantom.marker_box);
+# after the square resize that is at most 13% of the side, so these corner squares hold it whole.
 CORNER = 0.14
 N_BOOT = 2000
 
@@ -175,7 +176,7 @@ def corner_share(model, data: DeviceData, idx: np.ndarray, cfg: TrialConfig) -> 
     s = maps.shape[-1]
     k = round(CORNER * s)
     inside = np.zeros((s, s), bool)
-    inside[:k, :k] = inside[:k, -k:] = inside[-k:, -k:] = True  # phantom.CORNERS
+    inside[:k, :k] = inside[:k, -k:] = inside[-k:, -k:] = True  # synthetic.phantom.CORNERS
     total = maps.sum((1, 2))
     return float(np.mean(maps[:, inside].sum(1) / np.maximum(total, 1e-30)))
 
@@ -198,7 +199,7 @@ def term_gradients(model, data: DeviceData, cfg: TrialConfig, batches: int = 2) 
     decision through it. The mask term of `baseline` reaches it through the skip connections.
     Train-mode forwards update the BatchNorm statistics: pass a model that is not used again.
     """
-    if cfg.loss_set == "classifier":
+    if not LOSS_SETS[cfg.loss_set].terms:  # classification only
         return {}
     params = [p for m in (model.encoder, model.classification_head) for p in m.parameters()]
     train_idx = data.indices("train")
@@ -222,13 +223,12 @@ def term_gradients(model, data: DeviceData, cfg: TrialConfig, batches: int = 2) 
 
 def _term_weights(cfg: TrialConfig) -> dict[str, float]:
     """Each term's weight in the total (trainable.losses.loss_terms)."""
-    w = cfg.loss_weight
-    return {"classifier": {"cls": 1.0},
-            "baseline": {"cls": 1.0, "mask_gaze": w},
-            "set1": {"cls": 1.0, "map_gaze": w},
-            "set2": {"cls": 1.0, "mask_map": w},
-            "set3": {"cls": 1.0, "mask_gaze": w * cfg.r, "map_gaze": w * (1 - cfg.r)},
-            "rrr": {"cls": 1.0, "rrr": cfg.rrr_lambda}}[cfg.loss_set]
+    spec, w = LOSS_SETS[cfg.loss_set], cfg.loss_weight
+    if applies("r", cfg.loss_set):  # set3: r shares the weight between the mask and map terms
+        return {"cls": 1.0, "mask_gaze": w * cfg.r, "map_gaze": w * (1 - cfg.r)}
+    if spec.input_gradient:  # rrr
+        return {"cls": 1.0, **{term: cfg.rrr_lambda for term in spec.terms}}
+    return {"cls": 1.0, **{term: w for term in spec.terms}}
 
 
 # --- the table ------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def summarise(runs: list[dict], labels: np.ndarray) -> dict:
         for key in ("corner_share", "corner_share_last"):
             entry[key] = float(np.mean([r[key] for r in group]))
         # The mask of a loss set that does not train the decoder is noise: no mask CC for it.
-        trains_mask = CONFIGS[name][1]["loss_set"] in ("baseline", "set2", "set3")
+        trains_mask = LOSS_SETS[CONFIGS[name][1]["loss_set"]].uses_mask
         for key in ("val/auc/mean", "val/map/cc", "val/mask/cc"):
             values = [r["val"][key] for r in group if key in r["val"]]
             usable = values and (trains_mask or "mask" not in key)

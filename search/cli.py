@@ -1,18 +1,28 @@
-"""The `gazetune` command line (also `python -m search`).
+"""The `gazetune` command line (also `python -m search`): every subcommand's options.
 
 Each subcommand parses its arguments here and calls one plain function; heavy imports (torch,
-Ray, MLflow) happen inside the handlers so `gazetune --help` stays instant.
+Ray, MLflow) happen inside the handlers so `gazetune --help` stays instant. The search's
+defaults are `search.settings.SearchSettings`'s, the demo's `search.demo`'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import re
 import sys
+import time
 from pathlib import Path
+
+from search import demo  # light: its heavy imports happen when the demo runs
+from search.settings import DEFAULTS
+
+# benchmarks/ is not an installed package: `gazetune bench` runs it from the source checkout.
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
 def _synth(args) -> int:
-    from trainable.data.synthetic import synthesize
+    from synthetic.release import synthesize
 
     synthesize(
         args.out,
@@ -44,8 +54,8 @@ def _prepare(args) -> int:
 
 def _train(args) -> int:
     from search.names import check_name
-    from trainable.config import TrialConfig
-    from trainable.loop import check_inputs, parse_overrides
+    from trainable.config import TrialConfig, parse_overrides
+    from trainable.loop import check_inputs
 
     check_name(args.experiment, "--experiment")
     config = parse_overrides(args.overrides)
@@ -54,6 +64,89 @@ def _train(args) -> int:
 
     train_logged(config, experiment=args.experiment, tracking_uri=args.tracking_uri)
     return 0
+
+
+def _search(args) -> int:
+    from search.service import run_search
+    from search.settings import SearchSettings, parse_fixed
+
+    settings = SearchSettings(
+        name=time.strftime("search-%Y%m%d-%H%M%S") if args.name is None else args.name,
+        space=args.space, samples=args.samples, max_epochs=args.max_epochs,
+        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        max_concurrent=args.max_concurrent, seed=args.seed, paper_points=args.paper_points,
+        fixed=parse_fixed(args.fixed), max_failures=args.max_failures, address=args.address,
+        storage=args.storage, cache=str(args.cache), tracking_uri=args.tracking_uri,
+    )
+    return _search_summary(run_search(settings))
+
+
+def _resume(args) -> int:
+    from search.service import resume_search
+
+    return _search_summary(resume_search(args.name, storage=args.storage,
+                                         tracking_uri=args.tracking_uri, address=args.address))
+
+
+def _search_summary(summary) -> int:
+    print(f"search {summary.name!r}: {summary.completed} trials finished, {summary.pruned} "
+          f"pruned, {summary.failed} failed (Tune state: {summary.path})")
+    if summary.best:
+        best, m = summary.best, summary.best["metrics"]
+        print(f"best: trial {best['trial_id']} (MLflow run {best['run_id']}), epoch "
+              f"{best['epoch']}: val/auc/mean {m['val/auc/mean']:.3f} "
+              f"[{m['val/auc/mean/lo']:.3f}, {m['val/auc/mean/hi']:.3f}]")
+    if summary.interrupted:
+        print(f"interrupted: `gazetune resume {summary.name}` continues it")
+        return 130
+    return 0 if summary.completed + summary.pruned else 1
+
+
+def _export(args) -> int:
+    from search.export import export
+
+    export(args.name, tracking_uri=args.tracking_uri, reports=args.reports, top_k=args.top_k)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from search.evaluate import evaluate_study
+
+    evaluate_study(args.name, run_id=args.run_id, protocol=args.protocol, cache=args.cache,
+                   tracking_uri=args.tracking_uri, reports=args.reports, n_boot=args.n_boot)
+    return 0
+
+
+def _demo(args) -> int:
+    demo.run_demo(args.workdir, images=args.images, trials=args.trials, epochs=args.epochs,
+                  seed=args.seed)
+    return 0
+
+
+def _bench(args) -> int:
+    from trainable.errors import GazetuneError
+
+    for option, value, low, high in (("--size", args.size, 32, 4096), ("--batch", args.batch, 2,
+                                     4096), ("--repeats", args.repeats, 1, 10_000),
+                                     ("--threads", args.threads, 0, 4096)):
+        if not low <= value <= high:
+            raise GazetuneError(f"bench: {option} must be in [{low}, {high}], got {value}")
+    if args.size % 32:
+        raise GazetuneError(f"bench: --size must be a multiple of 32 (the U-Net halves it five "
+                            f"times), got {args.size}")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise GazetuneError(f"bench: --device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if not BENCH.is_file():
+        raise GazetuneError(f"gazetune bench needs the source checkout: {BENCH} not found")
+    spec = importlib.util.spec_from_file_location("gazetune_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return bench.run(args)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -136,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     _add_service_commands(sub)
+    _add_report_commands(sub)
+    _add_bench_command(sub)
     return parser
 
 
@@ -161,12 +256,117 @@ def _version() -> str:
 
 
 def _add_service_commands(sub) -> None:
-    """search / resume (the service), export / evaluate / demo (reports), bench."""
-    from search import bench_command, commands, report_commands
+    """search and resume: the service."""
+    p = sub.add_parser("search", help="search with Ray Tune + Optuna + ASHA")
+    p.add_argument("--name", default=None,
+                   help="study name: Tune's folder and the MLflow experiment "
+                        "(default: search-<date>-<time>)")
+    p.add_argument("--cache", type=Path, default=Path(DEFAULTS.cache),
+                   help="from `gazetune prepare`")
+    p.add_argument("--space", default=DEFAULTS.space, help="search space: paper or extended")
+    p.add_argument("--samples", type=int, default=DEFAULTS.samples, help="number of trials")
+    p.add_argument("--max-epochs", type=int, default=DEFAULTS.max_epochs,
+                   help="epochs of a trial ASHA keeps")
+    p.add_argument("--grace-period", type=int, default=DEFAULTS.grace_period,
+                   help="epochs before ASHA may stop a trial")
+    p.add_argument("--reduction-factor", type=int, default=DEFAULTS.reduction_factor,
+                   help="ASHA keeps the best 1/N of the trials at each rung")
+    p.add_argument("--cpus-per-trial", type=float, default=DEFAULTS.cpus_per_trial,
+                   help="CPU cores Ray reserves for each trial (also its torch threads)")
+    p.add_argument("--gpus-per-trial", type=float, default=DEFAULTS.gpus_per_trial,
+                   help="a GPU fraction per trial, e.g. 0.25 packs four trials on a GPU "
+                        "(default: as many trials per GPU as fit at the cache's image size, "
+                        "up to four; 0 without GPUs)")
+    p.add_argument("--max-concurrent", type=int, default=DEFAULTS.max_concurrent,
+                   help="trials at once (default: as many as the resources allow)")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of Optuna's sampler")
+    p.add_argument("--paper-points", action="store_true",
+                   help="run the paper's eight configurations first")
+    p.add_argument("--set", dest="fixed", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="fixed trial settings, e.g. batch_size=16 n_boot=500")
+    p.add_argument("--max-failures", type=int, default=DEFAULTS.max_failures,
+                   help="retries of a failing trial from its last checkpoint")
+    _add_location_options(p)
+    p.set_defaults(func=_search)
 
-    commands.add_to(sub)
-    report_commands.add_to(sub)
-    bench_command.add_to(sub)
+    p = sub.add_parser("resume", help="continue an interrupted search")
+    p.add_argument("name", help="the study name given to `gazetune search`")
+    _add_location_options(p)
+    p.set_defaults(func=_resume)
+
+
+def _add_location_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=DEFAULTS.address,
+                   help="Ray cluster address (default: a new local Ray instance)")
+    p.add_argument("--storage", default=DEFAULTS.storage,
+                   help="Tune's storage: a path (shared on a cluster) or a URI such as s3://...")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow: http://HOST:PORT or sqlite:///PATH (default: ./mlflow.db)")
+
+
+def _add_report_commands(sub) -> None:
+    """export, evaluate and demo: reports of a study."""
+    p = sub.add_parser("export", help="write reports/NAME/ from a study's MLflow runs")
+    p.add_argument("name", help="the study name (= the MLflow experiment)")
+    p.add_argument("--top-k", type=int, default=10,
+                   help="trials listed in best_configs.json (default: 10)")
+    _add_report_options(p)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("evaluate",
+                              help="evaluate a study's best checkpoint on the test split")
+    p.add_argument("name", help="the study name (= the MLflow experiment)")
+    p.add_argument("--run", dest="run_id", default=None,
+                   help="a trial's MLflow run id (default: the best validation AUC)")
+    p.add_argument("--protocol", choices=("stratified", "paper"), default="stratified",
+                   help="bootstrap: stratified (2,000 resamples) or the paper's (30 of 55%%)")
+    p.add_argument("--n-boot", type=int, default=0,
+                   help="bootstrap resamples (default: the protocol's)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="prepared cache to test on (default: the one the trial trained on)")
+    _add_report_options(p)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("demo", help="synthetic data, a small search, its report and test "
+                                           "evaluation (under 10 minutes on a 2-core CPU)")
+    p.add_argument("--workdir", type=Path, default=Path("."),
+                   help="where the data, cache, MLflow store, Tune state and report go")
+    p.add_argument("--images", type=int, default=demo.IMAGES,
+                   help="synthetic images (default: %(default)s)")
+    p.add_argument("--trials", type=int, default=demo.TRIALS,
+                   help="trials of the search (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=demo.EPOCHS,
+                   help="epochs of a trial ASHA keeps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic release and of the search's sampler")
+    p.set_defaults(func=_demo)
+
+
+def _add_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow: http://HOST:PORT or sqlite:///PATH (default: ./mlflow.db)")
+    p.add_argument("--reports", type=Path, default=Path("reports"),
+                   help="folder of the reports (default: ./reports)")
+
+
+def _add_bench_command(sub) -> None:
+    """bench: the performance ratios (benchmarks/bench.py), measured in one run."""
+    p = sub.add_parser("bench", help="measure step-time ratios of the loss sets, data "
+                                            "handling, metrics and packing in one run")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--batch", type=int, default=4, help="images per step")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: one repeat, small validation set, no compile or packing")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory format (CUDA)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default)")
+    p.add_argument("--skip-compile", action="store_true",
+                   help="skip torch.compile (its compile takes about 10 min on a 2-core CPU)")
+    p.set_defaults(func=_bench)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,11 +43,12 @@ def run_demo(workdir: str | Path | None = None, images: int = IMAGES, trials: in
     """
     from search.evaluate import evaluate_study
     from search.export import export
-    from search.service import SearchSettings, run_search
+    from search.service import run_search
+    from search.settings import SearchSettings
     from search.tracking import resolve_tracking_uri
     from spaces import PAPER_POINTS
+    from synthetic.release import synthesize
     from trainable.data.cache import prepare
-    from trainable.data.synthetic import synthesize
 
     for option, value, low in (("--images", images, 100), ("--trials", trials, 1),
                                ("--epochs", epochs, 1)):

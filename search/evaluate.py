@@ -1,7 +1,7 @@
 """`gazetune evaluate NAME`: a trial's best checkpoint on the held-out test split.
 
 The only place the test split is read. The checkpoint and its config come back from MLflow
-(`mlflow.artifacts.download_artifacts`, so a tracking server works as well as a local store),
+(through `search.tracking`, so a tracking server works as well as a local store),
 the model is rebuilt from that config and evaluated on the test split of the cache the trial
 used, with the same bootstrap AUCs and map agreement as validation. The result goes to
 `reports/NAME/evaluation.{json,md}` and test-split heatmap panels, into the `test` of the
@@ -11,16 +11,26 @@ trial's entry in `best_configs.json`, and into an MLflow run of the study tagged
 
 from __future__ import annotations
 
-import math
-import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from search import export, tracking
+from search import tracking
 from search.names import check_name
+from search.reporting import (
+    BEST_CONFIGS,
+    DATA_NOTES,
+    FIGURES,
+    PAPER,
+    PAPER_SOURCE,
+    claim_report_folder,
+    format_auc,
+    write_json,
+    write_text,
+)
+from search.storage import absolute
+from search.study import SCORES, checkpoint_uri, finite, ranked_trials, read_trials
 from trainable.config import CLASS_NAMES, TrialConfig
 from trainable.data.cache import data_origin
 from trainable.errors import GazetuneError
@@ -56,39 +66,41 @@ def evaluate_study(name: str, run_id: str | None = None, protocol: str = "strati
         raise GazetuneError(f"--n-boot must be in [0, 1000000] (0: the protocol's default), "
                             f"got {n_boot}")
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
-    trials = export.read_trials(uri, name)
-    ranked = export.ranked_trials(trials)
+    trials = read_trials(uri, name)
+    ranked = ranked_trials(trials)
     trial = _pick_trial(trials, ranked, name, run_id)
     # Another trial's evaluation goes beside the best trial's, never over it.
     files = report_files(None if ranked and ranked[0].run_id == trial.run_id else trial.number)
     with tempfile.TemporaryDirectory(prefix="gazetune-evaluate-") as scratch:
         state, config, best = pull_checkpoint(trial.run_id, uri, Path(scratch))
     if cache:
-        cache = str(export.absolute(cache, workdir))
+        cache = str(absolute(cache, workdir))
         _check_same_cache(cache, best.get("cache_input_hash"), trial.number)
     else:
         cache = config["cache"]
     cfg = TrialConfig.from_dict({**config, "cache": cache, "boot_protocol": protocol,
-                                 "n_boot": n_boot, "checkpoint_dir": None})
-    out = export.claim_report_folder(export.absolute(reports, workdir) / name)
+                                 "n_boot": n_boot, "checkpoint_dir": None,
+                                 # the trial's share of a packed GPU; evaluation runs alone
+                                 "gpu_memory_fraction": 0.0})
+    out = claim_report_folder(absolute(reports, workdir) / name)
     metrics, figure, counts = _evaluate(state, cfg)
 
     result = {
         "study": name, "run_id": trial.run_id, "trial": trial.number,
         "method": "/".join(p for p in trial.method if p), "epoch": trial.epoch,
-        "checkpoint_uri": export.checkpoint_uri(trial.run_id), "split": "test",
+        "checkpoint_uri": checkpoint_uri(trial.run_id), "split": "test",
         "images": counts, "protocol": protocol, "n_boot": _resamples(cfg), "alpha": 0.05,
         "seed": cfg.seed, "test": _scores(metrics), "val": trial.val,
         "agreement": _agreement(metrics), "evaluation_run_id": None,
-        "data": data_origin(cfg.cache), "panels": f"{export.FIGURES}/{files[2]}",
+        "data": data_origin(cfg.cache), "panels": f"{FIGURES}/{files[2]}",
     }
     from trainable.figures import save_figure
 
-    save_figure(figure, out / export.FIGURES / files[2])
+    save_figure(figure, out / FIGURES / files[2])
     result["evaluation_run_id"] = _record(name, uri, trial, cfg, metrics, out, result, files)
-    _fill_best_configs(out / export.BEST_CONFIGS, trial.run_id, result["test"])
+    _fill_best_configs(out / BEST_CONFIGS, trial.run_id, result["test"])
     print(f"test split of study {name!r}, trial {trial.number} (run {trial.run_id}): mean AUC "
-          f"{export.format_auc(result['test']['mean'])}; report: {out / files[1]}")
+          f"{format_auc(result['test']['mean'])}; report: {out / files[1]}")
     return result
 
 
@@ -104,19 +116,12 @@ def report_files(trial: int | None) -> tuple[str, str, str]:
 def pull_checkpoint(run_id: str, tracking_uri: str, scratch: Path) -> tuple[dict, dict, dict]:
     """(model state dict, trial config, metrics) of a run's `checkpoint/` artifact (its best
     epoch)."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
     from trainable.checkpoint import load_best
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="checkpoint", dst_path=str(scratch),
-            tracking_uri=tracking_uri)
-    except (MlflowException, OSError) as err:
-        raise GazetuneError(f"run {run_id} at {tracking_uri}: no checkpoint/ artifact to "
-                            f"evaluate ({str(err).strip().splitlines()[0][:300]})") from None
+        local = tracking.download_artifact(tracking_uri, run_id, "checkpoint", scratch)
+    except GazetuneError as err:
+        raise GazetuneError(f"{err}: nothing to evaluate") from None
     # The artifact holds a checkpoint folder's best/ files: model.pt, config.json, metrics.json.
     return load_best(Path(local))
 
@@ -156,13 +161,13 @@ def _pick_trial(trials: list, ranked: list, name: str, run_id: str | None):
 def _evaluate(state: dict, cfg: TrialConfig):
     """Test-split metrics, heatmap panels and image counts of the checkpoint's model."""
     from trainable.data import load_cache
-    from trainable.loop import DeviceData, evaluate
+    from trainable.loop import DeviceData, choose_device, evaluate
     from trainable.model import build_model
 
     if not Path(cfg.cache).is_dir():
         raise GazetuneError(f"cache {cfg.cache} (the trial's) does not exist here: pass --cache "
                             f"with the prepared cache of the same data")
-    device = _device(cfg)
+    device = choose_device(cfg)
     data = DeviceData(load_cache(cfg.cache), device)
     model = build_model(cfg)
     try:
@@ -202,20 +207,12 @@ def _panels(data, idx: np.ndarray, predictions: dict, cfg: TrialConfig):
 
 
 def _row(label: str, scores: dict) -> str:
-    return f"| {label} | " + " | ".join(export.format_auc(scores[n]) for n in export.SCORES) + " |"
-
-
-def _device(cfg: TrialConfig):
-    import torch
-
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return f"| {label} | " + " | ".join(format_auc(scores[n]) for n in SCORES) + " |"
 
 
 def _scores(metrics: dict) -> dict:
-    return {n: [export.finite(metrics.get(f"test/auc/{n}{b}")) for b in ("", "/lo", "/hi")]
-            for n in export.SCORES}
+    return {n: [finite(metrics.get(f"test/auc/{n}{b}")) for b in ("", "/lo", "/hi")]
+            for n in SCORES}
 
 
 def _agreement(metrics: dict) -> dict:
@@ -224,7 +221,7 @@ def _agreement(metrics: dict) -> dict:
     for key, value in metrics.items():
         parts = key.split("/")
         if len(parts) == 3 and parts[1] in ("map", "mask"):
-            out.setdefault(parts[1], {})[parts[2]] = export.finite(value)
+            out.setdefault(parts[1], {})[parts[2]] = finite(value)
     return out
 
 
@@ -237,37 +234,18 @@ def _resamples(cfg: TrialConfig) -> int:
 def _record(name: str, uri: str, trial, cfg: TrialConfig, metrics: dict, out: Path,
             result: dict, files: tuple[str, str, str]) -> str:
     """The study's evaluation run in MLflow, with the report files as its artifacts."""
-    from mlflow.entities import Metric, Param
-
-    client = export.mlflow_client(uri)
-    experiment = client.get_experiment_by_name(name)
-    run_id = client.create_run(
-        experiment.experiment_id,
-        run_name=f"evaluation of trial {trial.number}",
-        tags={"evaluates": trial.run_id, "gazetune.kind": "evaluation"},
-    ).info.run_id
-    try:
-        now = int(time.time() * 1000)
-        client.log_batch(
-            run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)],
-            params=[Param(k, str(v)) for k, v in (
-                ("protocol", cfg.boot_protocol), ("n_boot", result["n_boot"]),
-                ("cache", cfg.cache), ("evaluated_run", trial.run_id),
-                ("split", "test"))],
-        )
-        result["evaluation_run_id"] = run_id
-        export.write_json(out / files[0], result)
-        export.write_text(out / files[1], evaluation_markdown(result))
-        client.log_artifact(run_id, str(out / files[0]))
-        client.log_artifact(run_id, str(out / files[1]))
-        client.log_artifact(run_id, str(out / export.FIGURES / files[2]), "figures")
-    except BaseException as err:
-        client.set_tag(run_id, "failure", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+    with tracking.evaluation_run(uri, name, run_name=f"evaluation of trial {trial.number}",
+                                 tags={"evaluates": trial.run_id,
+                                       "gazetune.kind": "evaluation"}) as run:
+        run.log(metrics, {"protocol": cfg.boot_protocol, "n_boot": result["n_boot"],
+                          "cache": cfg.cache, "evaluated_run": trial.run_id, "split": "test"})
+        result["evaluation_run_id"] = run.run_id
+        write_json(out / files[0], result)
+        write_text(out / files[1], evaluation_markdown(result))
+        run.log_artifact(out / files[0])
+        run.log_artifact(out / files[1])
+        run.log_artifact(out / FIGURES / files[2], "figures")
+    return run.run_id
 
 
 def _fill_best_configs(path: Path, run_id: str, test: dict) -> None:
@@ -283,7 +261,7 @@ def _fill_best_configs(path: Path, run_id: str, test: dict) -> None:
     for item in listed:
         item["test"] = test
     if listed:
-        export.write_json(path, items)
+        write_json(path, items)
     else:
         print(f"run {run_id} is not among the configurations in {path}; its test AUCs are in "
               f"{EVALUATION_JSON}")
@@ -298,7 +276,7 @@ def evaluation_markdown(result: dict) -> str:
     lines = [
         f"# Test evaluation of study `{result['study']}`",
         "",
-        export.DATA_NOTES[result.get("data", "unknown")],
+        DATA_NOTES[result.get("data", "unknown")],
         "",
         f"Trial {result['trial']} ({result['method']}), MLflow run `{result['run_id']}`, its "
         f"best validation epoch ({result['epoch']}), checkpoint `{result['checkpoint_uri']}`. "
@@ -314,10 +292,10 @@ def evaluation_markdown(result: dict) -> str:
     ]
     if result.get("val"):
         lines.append(_row("validation", result["val"]))
-    if method in export.PAPER:
-        label, mean, per_class = export.PAPER[method]
-        lines.append(f"| {export.PAPER_SOURCE} ({label}) | " + " | ".join(
-            [export.format_auc(list(mean)), *(f"{auc:.3f}" for auc in per_class)]) + " |")
+    if method in PAPER:
+        label, mean, per_class = PAPER[method]
+        lines.append(f"| {PAPER_SOURCE} ({label}) | " + " | ".join(
+            [format_auc(list(mean)), *(f"{auc:.3f}" for auc in per_class)]) + " |")
     lines += ["", "## Agreement of maps with the radiologist's gaze", "",
               "Mean over test images: Pearson CC (higher is closer), KL divergence of the map "
               "from the gaze heatmap (lower is closer), NSS at the fixations (higher is closer).",
@@ -327,7 +305,7 @@ def evaluation_markdown(result: dict) -> str:
         lines.append(f"| {names[kind]} | " + " | ".join(
             "–" if values.get(k) is None else f"{values[k]:.3f}" for k in ("cc", "kl", "nss"))
             + " |")
-    panels = result.get("panels", f"{export.FIGURES}/{PANELS}")
+    panels = result.get("panels", f"{FIGURES}/{PANELS}")
     lines += ["", f"![test heatmap panels]({panels})", "",
               "Rows: test images by class (correctly classified first), titled by class and "
               "predicted probability; columns: input, generator map, gaze map, decoder mask.", ""]

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -86,7 +88,7 @@ def check_store_writable(uri: str) -> None:
     """Refuse an embedded SQLite store whose folder cannot be written, at once rather than
     after the retries of a failing store (a server's URI is not checked here)."""
     if uri.startswith("sqlite:///"):
-        from trainable.checkpoint import check_writable
+        from trainable.files import check_writable
 
         check_writable(Path(uri.removeprefix("sqlite:///")).parent,
                        "MLflow store folder (the working directory unless --tracking-uri)")
@@ -365,6 +367,90 @@ def find_trial_runs(tracking_uri: str, experiment_name: str) -> list:
         token = page.token
         if not token:
             return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a study (export, evaluate): every call with the same bounded retries
+
+
+class RetryingClient:
+    """An `MlflowClient` whose every call rides out a store that is briefly down (`_retry`)."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self._client = _client(tracking_uri)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            return _retry(lambda: method(*args, **kwargs), f"calling {name}", self.tracking_uri)
+
+        return call
+
+
+def client(tracking_uri: str) -> RetryingClient:
+    """The client of export and evaluate."""
+    return RetryingClient(tracking_uri)
+
+
+def download_artifact(tracking_uri: str, run_id: str, artifact_path: str, dst: str | Path) -> str:
+    """A run's artifact (file or folder) downloaded into `dst`; its local path.
+
+    Raises:
+        GazetuneError: the run has no such artifact (asked first: MLflow reports a missing
+            artifact as an internal error, which would be retried like a server that is down).
+    """
+    import mlflow.artifacts
+
+    store = client(tracking_uri)
+    folder = artifact_path.rpartition("/")[0] or None
+    if artifact_path not in {a.path for a in store.list_artifacts(run_id, folder)}:
+        raise GazetuneError(f"run {run_id} at {tracking_uri} has no artifact {artifact_path}")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return _retry(lambda: mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
+        tracking_uri=tracking_uri), f"downloading {artifact_path} of run {run_id}", tracking_uri)
+
+
+class EvaluationRun:
+    """A run that records a test evaluation (`evaluation_run`)."""
+
+    def __init__(self, client: RetryingClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log(self, metrics: Mapping[str, float], params: Mapping[str, object]) -> None:
+        from mlflow.entities import Metric, Param
+
+        now = _now_ms()
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                     if math.isfinite(v)],
+            params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+
+@contextmanager
+def evaluation_run(tracking_uri: str, experiment_name: str, run_name: str,
+                   tags: Mapping[str, str]):
+    """A new run of the study's experiment: FINISHED when the block ends, FAILED with the
+    reason when it raises."""
+    store = client(tracking_uri)
+    experiment = store.get_experiment_by_name(experiment_name)
+    run_id = store.create_run(experiment.experiment_id, run_name=run_name,
+                              tags=dict(tags)).info.run_id
+    try:
+        yield EvaluationRun(store, run_id)
+    except BaseException as err:
+        store.set_tag(run_id, "failure", f"{type(err).__name__}: {err}"[:5000])
+        store.set_terminated(run_id, "FAILED")
+        raise
+    store.set_terminated(run_id, "FINISHED")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 from collections.abc import Callable
@@ -24,11 +23,16 @@ from pathlib import Path
 from ray import tune
 from ray.tune import Callback, Checkpoint
 
-from search import tracking
+from search import storage, tracking
+from search.progress import failure_reason, stopped_early
+from search.settings import SETTINGS_FILE, SearchSettings
 from trainable.config import TrialConfig
 from trainable.errors import DivergedError
 
-SETTINGS_ENV = "GAZETUNE_SEARCH_SETTINGS"  # the running search's settings file, for callbacks
+# Written into the search's folder by `TrialRunCloser` when the tracking store stayed
+# unreachable, and read by the service when Tune returns: Tune runs its own (on resume,
+# unpickled) copy of the callback, which the service cannot reach.
+OUTAGE_FILE = "tracking-outage.txt"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,17 @@ class TrialSetup:
     # MLflow credentials of a server with authentication (`tracking.CREDENTIAL_ENV`): in Ray's
     # object store with the trial's parameters, never in Tune's saved state or in MLflow.
     credentials: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, settings: SearchSettings) -> TrialSetup:
+        return cls(
+            cache=settings.cache, epochs=settings.max_epochs,
+            tracking_uri=settings.tracking_uri, experiment_id=settings.experiment_id,
+            parent_run_id=settings.parent_run_id, fixed=settings.fixed,
+            threads=max(1, int(settings.cpus_per_trial)),
+            gpu_fraction=settings.gpus_per_trial or 0.0,
+            credentials=tracking.credentials_from_env(),
+        )
 
     def trial_config(self, sampled: dict, checkpoint_dir: Path) -> dict:
         """The `trainable.config.TrialConfig` dict of one trial."""
@@ -112,20 +127,20 @@ class TrialRunCloser(Callback):
 
     FINISHED, tagged `pruned` when the scheduler stopped it before its budget; FAILED with the
     reason once Tune gives up retrying it. Tune pickles callbacks with the experiment and a
-    resumed search cannot replace them, so this one holds nothing: at setup it reads the
-    search's current settings from the file named by `$GAZETUNE_SEARCH_SETTINGS` (set by the
-    service), which a resume may have changed (another tracking URI, a moved storage folder).
+    resumed search cannot replace them, so this one holds nothing: it reads the search's
+    current settings (which a resume may have changed: another tracking URI, a moved storage
+    folder) from the folder Tune names for the trials, and leaves an outage of the tracking
+    store in that folder (`OUTAGE_FILE`) for the service.
     """
 
     def setup(self, **info) -> None:
-        from search.service import SearchSettings
-
-        self._settings = SearchSettings.load(os.environ[SETTINGS_ENV])
+        self._settings: SearchSettings | None = None
+        self._outage: tracking.TrackingError | None = None
         self._stopping = False
-        _outage.clear()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, "FINISHED", pruned=stopped_early(trial, self._settings.max_epochs))
+        self._finish(trial, "FINISHED",
+                     pruned=stopped_early(trial, self._settings_of(trial).max_epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, "FAILED", failure=failure_reason(trial))
@@ -135,10 +150,10 @@ class TrialRunCloser(Callback):
         # would every other trial.
         reason = failure_reason(trial)
         if reason.startswith(f"{tracking.TrackingError.__name__}: "):
-            _outage.append(tracking.TrackingError(reason.partition(": ")[2]))
+            self._stop(trial, tracking.TrackingError(reason.partition(": ")[2]))
 
     def on_step_end(self, iteration, trials, **info) -> None:
-        if not _outage or self._stopping:
+        if self._outage is None or self._stopping:
             return
         self._stopping = True
         print(f"MLflow tracking store {self._settings.tracking_uri} unreachable: stopping the "
@@ -147,51 +162,47 @@ class TrialRunCloser(Callback):
         # results: Ray would print each one's remote traceback.
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
         if not callable(signal.getsignal(signal.SIGUSR1)):
-            raise _outage[0]  # Tune runs outside the main thread: no graceful stop
+            raise self._outage  # Tune runs outside the main thread: no graceful stop
         # Tune has no call that ends an experiment and keeps its unfinished trials resumable
         # (a Stopper ends them as TERMINATED); its handler of SIGUSR1 (and of Ctrl-C) does:
         # it saves the state one last time and returns from `fit`.
         os.kill(os.getpid(), signal.SIGUSR1)
 
     def _finish(self, trial, status: str, **how) -> None:
-        if _outage:
-            return  # the store is down: the resumed search ends the run (service.py)
-        s = self._settings
+        if self._outage is not None:
+            return  # the store is down: the resumed search ends the run
+        s = self._settings_of(trial)
         try:
             tracking.finish_trial_run(s.tracking_uri, s.experiment_id, trial.trial_id, status,
                                       **how)
         except tracking.TrackingError as err:
             # Raised from here, Tune would turn a finished trial into a failed one and then
             # end the search with a traceback: stop at the end of this step instead.
-            _outage.append(err)
+            self._stop(trial, err)
+
+    def _stop(self, trial, outage: tracking.TrackingError) -> None:
+        if self._outage is None:
+            self._outage = outage
+            self._settings_of(trial)
+            fs = trial.storage.storage_filesystem
+            storage.write_text_on(fs, f"{trial.storage.experiment_fs_path}/{OUTAGE_FILE}",
+                                  str(outage))
+
+    def _settings_of(self, trial) -> SearchSettings:
+        if self._settings is None:
+            path = f"{trial.storage.experiment_fs_path}/{SETTINGS_FILE}"
+            text = storage.read_text_on(trial.storage.storage_filesystem, path)
+            self._settings = SearchSettings.from_json(text, path)
+        return self._settings
 
     def __getstate__(self) -> dict:
-        return {}  # read again at setup
+        return {}  # set up again by Tune
 
 
-# The outage that stopped the search, read by the service when `fit` returns: Tune runs its
-# own (unpickled, on resume) copy of the callback, which the service cannot reach.
-_outage: list[tracking.TrackingError] = []
-
-
-def tracking_outage() -> tracking.TrackingError | None:
-    """Why the search stopped early for want of its tracking store, or None."""
-    return _outage[0] if _outage else None
-
-
-def stopped_early(trial, max_t: int) -> bool:
-    """Whether a trial that ended without error had run fewer epochs than the budget."""
-    return (trial.last_result or {}).get("training_iteration", 0) < max_t
-
-
-def failure_reason(trial) -> str:
-    """The last line of the trial's latest error: `Type: message` for a Python exception."""
-    # Tune writes the error on the driver first and copies it to storage later, so the local
-    # file is the one that exists while the callbacks run.
-    local = Path(trial.error_file) if trial.error_file else None
-    text = local.read_text() if local and local.is_file() else trial.get_error() or ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return "the trial failed (no error recorded)"
-    # A traceback names the project's exceptions with their module (trainable.errors.X).
-    return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", lines[-1])
+def tracking_outage(settings: SearchSettings) -> str | None:
+    """Why the search's last `fit` stopped for want of its tracking store, or None."""
+    location = f"{settings.path}/{OUTAGE_FILE}"
+    try:
+        return storage.read_text(location)
+    except (FileNotFoundError, NotADirectoryError):
+        return None

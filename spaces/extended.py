@@ -1,22 +1,24 @@
-"""The paper's space plus what it lacked: class-sensitive generators and the `rrr` loss set.
+"""The paper's space plus what it lacked: class-sensitive generators and every other loss set
+of the registry (`rrr`).
 
 `gradient` and `gradcam` depend on the class where guided backprop and deconvnet barely do
-(measured on this network); `rrr` (Ross et al. 2017) penalises input gradients outside the gaze region.
+(measured on this network); `rrr` (Ross et al. 2017) penalises input gradients outside the gaze
+region.
 """
 
 from __future__ import annotations
 
 from spaces.paper import GENERATORS as PAPER_GENERATORS
-from spaces.paper import LOSS_SETS as PAPER_LOSS_SETS
 from spaces.paper import suggest_method, suggest_training
+from trainable import loss_sets
 
-LOSS_SETS = PAPER_LOSS_SETS + ("rrr",)
+LOSS_SETS = tuple(loss_sets.LOSS_SETS)  # every loss set: the paper's and rrr
 GENERATORS = PAPER_GENERATORS + ("gradient", "gradcam")
 
 
 def extended(trial) -> None:
     """The paper's space with two more generators and the `rrr` loss set."""
     loss_set = suggest_method(trial, LOSS_SETS, GENERATORS)
-    if loss_set == "rrr":
+    if loss_sets.applies("rrr_lambda", loss_set):
         trial.suggest_float("rrr_lambda", 0.1, 100.0, log=True)
     suggest_training(trial)

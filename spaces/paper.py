@@ -1,19 +1,18 @@
 """The paper's space: Watanabe et al. (2022)'s loss sets and heatmap generators, tuned.
 
 Define-by-run (Optuna): a parameter exists only on the branch that uses it (a generator only for
-the sets that compute a map, `r` only for Set 3), so TPE never models values that did nothing.
-The number of epochs is the scheduler's budget (`--max-epochs`), not a parameter here.
+the sets that compute a map, `r` only for Set 3: `trainable.loss_sets.applies`), so TPE never
+models values that did nothing. The number of epochs is the scheduler's budget
+(`--max-epochs`), not a parameter here.
 """
 
 from __future__ import annotations
 
-from trainable.config import USES_GENERATOR
+from trainable.loss_sets import applies
 
+# The paper's choices.
 LOSS_SETS = ("classifier", "baseline", "set1", "set2", "set3")
 GENERATORS = ("guided_backprop", "deconvnet")
-
-# Loss sets with a heatmap term that `loss_weight` scales against the classification loss.
-HEATMAP_SETS = ("baseline", "set1", "set2", "set3")
 
 
 def paper(trial) -> None:
@@ -25,11 +24,11 @@ def paper(trial) -> None:
 def suggest_method(trial, loss_sets, generators) -> str:
     """Suggest the loss set and the parameters that only its branch uses."""
     loss_set = trial.suggest_categorical("loss_set", loss_sets)
-    if loss_set in USES_GENERATOR:
+    if applies("generator", loss_set):
         trial.suggest_categorical("generator", generators)
-    if loss_set == "set3":
+    if applies("r", loss_set):
         trial.suggest_float("r", 0.0, 1.0)
-    if loss_set in HEATMAP_SETS:
+    if applies("loss_weight", loss_set):  # scales a heatmap term against classification
         trial.suggest_float("loss_weight", 0.1, 10.0, log=True)
     return loss_set
 
@@ -47,9 +46,9 @@ def _paper_point(loss_set: str, generator: str | None = None) -> dict:
     point = {"loss_set": loss_set, "lr": 1e-3, "dropout": 0.5}
     if generator:
         point["generator"] = generator
-    if loss_set == "set3":
+    if applies("r", loss_set):
         point["r"] = 0.5
-    if loss_set in HEATMAP_SETS:
+    if applies("loss_weight", loss_set):
         point["loss_weight"] = 1.0
     return point
 

@@ -1,9 +1,8 @@
-"""Shared fixtures: a small synthetic cache built once per session, a real MLflow server."""
+"""Shared fixtures: a small synthetic cache built once per session, a real MLflow server, faults
+injected into a search's trials. Shared plain functions and constants are in helpers.py."""
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,18 +29,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def gazetune(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real command line in a subprocess, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "search", *args],
-        cwd=cwd, capture_output=True, text=True, check=check,
-    )
-
-
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """A 60-image synthetic release (EGD-CXR + MIMIC-CXR layout)."""
-    from trainable.data.synthetic import synthesize
+    from synthetic.release import synthesize
 
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, n_images=60, seed=0)
@@ -57,6 +48,27 @@ def small_cache(small_dataset, tmp_path_factory) -> Path:
     prepare(egd_root=small_dataset / "egd-cxr", mimic_root=small_dataset / "mimic-cxr",
             cache=cache, size=64, workers=1, sigma=20.0)
     return cache
+
+
+@pytest.fixture
+def faults(tmp_path, monkeypatch):
+    """Faults for the trials of a search run with `helpers.faulty_trial` as its trainable:
+    `faults(fault, times, epoch)` chooses the fault, how often it happens and in which epoch,
+    and returns the folder of its counters. Ray's workers inherit the variable."""
+    import helpers  # here: importing it loads torch, after OMP_NUM_THREADS is set above
+    import ray.cloudpickle
+
+    folder = tmp_path / "faults"
+    folder.mkdir()
+    # Workers cannot import the tests' modules: send the wrapper by value.
+    ray.cloudpickle.register_pickle_by_value(helpers)
+
+    def set_fault(fault: str, times: int, epoch: int) -> Path:
+        monkeypatch.setenv(helpers.FAULTS_ENV, f"{folder}:{fault}:{times}:{epoch}")
+        return folder
+
+    yield set_fault
+    ray.cloudpickle.unregister_pickle_by_value(helpers)
 
 
 # Property tests draw the same examples on every run, so CI cannot fail on a new random draw.

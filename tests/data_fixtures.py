@@ -1,6 +1,6 @@
 """Hand-made releases in the EGD-CXR / MIMIC-CXR format, for the reader's and cache's edge cases.
 
-`trainable.data.synthetic` writes realistic releases; these are smaller and fully controlled:
+`synthetic.release` writes realistic releases; these are smaller and fully controlled:
 each image's shape, label, patient and fixations are chosen by the test, and the tables are
 plain lists that a test edits before writing (drop a column, break a label, add a calibration
 screen). No real dataset row is used: ids are random hex, like MIMIC's.

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import gazetune
 from data_fixtures import fake_images, random_id, tables, write_release, write_subset
+from helpers import gazetune
 from identifiers import scan_for_identifiers
 
 from trainable.data import load_cache, prepare, read_release

@@ -1,12 +1,11 @@
 """`gazetune bench --quick`: one real smoke run prints every figure of the performance section."""
 
-import argparse
 import re
 
 import pytest
 import torch
 
-from search import bench_command
+from search.cli import build_parser
 
 RATIO_LINES = [
     "ratio set1 guided_backprop, fast path",
@@ -26,9 +25,7 @@ RATIO_LINES = [
 # About 50 s of CPU (1 thread): over the default suite's budget.
 @pytest.mark.slow
 def test_quick_bench_prints_every_ratio(capsys):
-    parser = argparse.ArgumentParser(prog="gazetune")
-    bench_command.add_to(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", "--quick", "--size", "64", "--batch", "2",
+    args = build_parser().parse_args(["bench", "--quick", "--size", "64", "--batch", "2",
                               "--device", "cpu", "--threads", "1"])
     threads = torch.get_num_threads()
     try:

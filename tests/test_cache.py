@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import gazetune
 from data_fixtures import fake_images, tables, write_release
+from helpers import gazetune
 
 from search.cli import main
 from trainable.data import load_cache, prepare, read_dicom, read_release, static_heatmap
-from trainable.data.cache import PREPROCESS_VERSION, _atomic_write, _resize, _uid
+from trainable.data.cache import PREPROCESS_VERSION, _resize, _uid
 from trainable.errors import CacheError, DataError
+from trainable.files import atomic_write, opened
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +181,7 @@ def test_damaged_entries_are_rebuilt_and_failed_writes_leave_nothing(hand_made, 
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _atomic_write(tmp_path / "target.npz", interrupted)
+        atomic_write(tmp_path / "target.npz", opened(interrupted))
     assert list(tmp_path.glob("*target*")) == []
 
 

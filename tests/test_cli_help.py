@@ -8,7 +8,7 @@ import dataclasses
 import re
 
 import pytest
-from conftest import gazetune
+from helpers import gazetune
 
 from search.cli import build_parser
 from trainable.config import TrialConfig, describe_keys

@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import assert_metric_shape, assert_png, identifiers
 from identifiers import scan_for_identifiers
 from mlflow import MlflowClient
-from test_export import assert_metric_shape, assert_png, identifiers
 
 from search import tracking
 from search.demo import run_demo
-from search.export import BEST_CONFIGS, best_epoch
+from search.reporting import BEST_CONFIGS
+from search.study import best_epoch
 from trainable.data import load_cache
 from trainable.errors import GazetuneError
 

@@ -20,15 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import gazetune
 from data_fixtures import fake_images, tables, write_release
+from helpers import gazetune
 
-from search.service import SearchSettings, resume_search, run_search
+from search.service import resume_search, run_search
+from search.settings import SearchSettings
 from trainable import train
-from trainable.checkpoint import (WriteError, atomic_write, check_writable, load_best,
-                                  load_torch, save_best)
+from trainable.checkpoint import load_best, load_torch, save_best
 from trainable.data import load_cache, prepare
 from trainable.errors import GazetuneError
+from trainable.files import WriteError, atomic_write, check_writable
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,12 +10,14 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import assert_metric_shape, assert_png, identifiers, study_in_mlflow
 from identifiers import scan_for_identifiers
 from mlflow import MlflowClient
-from test_export import assert_metric_shape, assert_png, identifiers, study_in_mlflow
 
 from search.evaluate import EVALUATION_JSON, EVALUATION_MD, PANELS, evaluate_study
-from search.export import BEST_CONFIGS, export, ranked_trials, read_trials
+from search.export import export
+from search.reporting import BEST_CONFIGS
+from search.study import ranked_trials, read_trials
 from trainable.checkpoint import load_best
 from trainable.config import TrialConfig
 from trainable.data import load_cache
@@ -139,8 +141,8 @@ def test_evaluate_names_a_missing_cache(evaluated, tmp_path):
 
 def test_evaluate_refuses_a_cache_of_other_data(evaluated, tmp_path):
     """Another release's cache would put its test split into this study's report."""
+    from synthetic.release import synthesize
     from trainable.data.cache import prepare
-    from trainable.data.synthetic import synthesize
 
     workdir, uri, _, _ = evaluated
     report = workdir / "reports" / STUDY / EVALUATION_JSON

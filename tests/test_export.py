@@ -9,130 +9,33 @@ checkpoints of the trial's model. A real search, exported and evaluated, is the 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import gazetune
+from helpers import (
+    STUDY,
+    assert_metric_shape,
+    assert_png,
+    epoch_aucs,
+    gazetune,
+    identifiers,
+    study_in_mlflow,
+)
 from identifiers import scan_for_identifiers
 from mlflow import MlflowClient
 from mlflow.entities import Metric
-from PIL import Image
 
 from search import tracking
-from search.export import (
-    BEST_CONFIGS,
-    PAPER,
-    SCORES,
-    Trial,
-    _by_step,
-    best_epoch,
-    export,
-    importances,
-    ranked_trials,
-    read_trials,
-)
-from trainable import checkpoint
-from trainable.config import CLASS_NAMES, TrialConfig
-from trainable.data.cache import input_hash
+from search.export import export, importances
+from search.reporting import BEST_CONFIGS, PAPER
+from search.study import SCORES, Trial, _by_step, best_epoch, ranked_trials, read_trials
+from trainable.config import TrialConfig
 from trainable.errors import GazetuneError
-from trainable.loop import EpochReport
-from trainable.model import build_model
 
-STUDY = "tiny"
-QUICK = {"n_boot": 200, "figures": 1, "epochs": 3}
-# (config, validation mean AUC per epoch, pruned): the first peaks at epoch 2 of 3.
-TRIALS = [
-    ({"loss_set": "baseline", "loss_weight": 1.0, "lr": 3e-3, "dropout": 0.2},
-     [0.60, 0.80, 0.70], False),
-    ({"loss_set": "classifier", "lr": 1e-3, "dropout": 0.5}, [0.55, 0.65, 0.75], False),
-    ({"loss_set": "set2", "generator": "deconvnet", "loss_weight": 0.5, "lr": 1e-3,
-      "dropout": 0.1}, [0.50], True),
-]
 CONTRACT_KEYS = {"run_id", "config", "val", "test", "checkpoint_uri"}
-
-
-def study_in_mlflow(cache: Path, tracking_uri: str, scratch: Path, name: str = STUDY,
-                    trials=TRIALS) -> dict[str, Path]:
-    """Log `trials` into study `name` the way a search does; {run id: checkpoint folder}.
-
-    Each best epoch saves that epoch's weights (a model initialised with the epoch as seed)
-    and a heatmap-panel figure, which `TrialRun.log_epoch` uploads like a training's.
-    """
-    from trainable.figures import heatmap_panels, save_figure
-
-    experiment_id = tracking.ensure_experiment(name, tracking_uri)
-    parent = tracking.start_parent_run(experiment_id, {"name": name, "space": "paper"},
-                                       tracking_uri)
-    images = np.load(cache / "dataset.npz")["images"][:1].astype(np.float32)
-    panels = save_figure(heatmap_panels(images, images, images, images), scratch / "panels.png")
-    checkpoints = {}
-    for i, (overrides, history, pruned) in enumerate(trials):
-        folder = scratch / f"trial{i}"
-        cfg = TrialConfig.from_dict({**QUICK, **overrides, "cache": str(cache),
-                                     "checkpoint_dir": str(folder)})
-        run = tracking.TrialRun(tracking_uri, experiment_id, parent, f"t{i}", cfg.to_dict())
-        best = -math.inf
-        for epoch, auc in enumerate(history, start=1):
-            metrics = {"train/loss": 1.0 / epoch, **epoch_aucs(auc)}
-            figures, is_best = {}, auc > best
-            if is_best:
-                best = auc
-                torch.manual_seed(epoch)
-                checkpoint.save_best(folder, build_model(cfg).state_dict(), cfg.to_dict(),
-                                     {**metrics, "epoch": epoch,
-                                      "cache_input_hash": input_hash(cache)})
-                drawn = folder / "figures" / f"val_{cfg.generator}.png"
-                drawn.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(panels, drawn)
-                figures = {drawn.name: drawn}
-            run.log_epoch(EpochReport(epoch, metrics, folder, is_best, figures))
-        run.finish(pruned=pruned)
-        checkpoints[run.run_id] = folder
-    return checkpoints
-
-
-def epoch_aucs(mean: float) -> dict[str, float]:
-    """The contract's validation keys for one epoch, the classes spread around `mean`."""
-    values = {"mean": mean, **{c: mean + d for c, d in zip(CLASS_NAMES, (0.05, 0.0, -0.05))}}
-    out = {}
-    for name, auc in values.items():
-        out.update({f"val/auc/{name}": auc, f"val/auc/{name}/lo": auc - 0.1,
-                    f"val/auc/{name}/hi": min(1.0, auc + 0.1)})
-    return out
-
-
-def identifiers(dataset: Path, cache: Path) -> set[str]:
-    """Every dicom_id, patient_id and study_id of the synthetic release, and the cache's uids."""
-    from trainable.data import load_cache
-
-    with open(dataset / "egd-cxr" / "master_sheet.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    found = {row[key] for row in rows for key in ("dicom_id", "patient_id", "study_id")}
-    return found | {str(uid) for uid in load_cache(cache).uids}
-
-
-def assert_png(path: Path) -> None:
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        image.verify()
-    with Image.open(path) as image:
-        assert min(image.size) > 100
-
-
-def assert_metric_shape(scores: dict) -> None:
-    """{name: [auc, lo, hi]} for mean and every class; lo <= auc <= hi where defined."""
-    assert set(scores) == set(SCORES)
-    for name, value in scores.items():
-        assert len(value) == 3, name
-        auc, lo, hi = value
-        if auc is not None:
-            assert 0.0 <= lo <= auc <= hi <= 1.0, (name, value)
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import METHODS, images, mixed_net, smp_unet
 from torch import nn
 from torch.profiler import profile
 
-from test_generators import METHODS, images, mixed_net, smp_unet
 from trainable.fast_conv import fast_grouped_convs, grouped_conv2d, is_grouped_conv
 from trainable.generators import saliency
 

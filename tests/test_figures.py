@@ -7,13 +7,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from trainable.figures import (
-    auc_interval_chart,
-    heatmap_panels,
-    importance_chart,
-    save_figure,
-    search_history_chart,
-)
+from search.charts import auc_interval_chart, importance_chart, search_history_chart
+from trainable.figures import heatmap_panels, save_figure
 
 
 def maps(n=3, size=32, seed=0) -> np.ndarray:

@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import METHODS, images, mixed_net, smp_unet
 from torch import nn
 
 from trainable.backward_rules import activation_of
-from trainable.generators import GENERATORS, saliency
-
-METHODS = tuple(GENERATORS)
+from trainable.generators import saliency
 
 
 def relu_net(inplace: bool = False) -> nn.Module:
@@ -17,55 +16,6 @@ def relu_net(inplace: bool = False) -> nn.Module:
         nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(inplace),
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 3),
     )
-
-
-class MixedNet(nn.Module):
-    """ReLU, SiLU, BatchNorm, a depthwise convolution and dropout: the encoder's ingredients."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU())
-        self.depthwise = nn.Sequential(
-            nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), nn.BatchNorm2d(4), nn.SiLU()
-        )
-        self.last = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(inplace=True))
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.5), nn.Linear(24, 3)
-        )
-
-    def forward(self, x):
-        return self.head(self.last(self.depthwise(self.stem(x))))
-
-
-def mixed_net(dtype=torch.float64, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = MixedNet().to(dtype)
-    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.3, 0.3)
-    return net.train()
-
-
-def smp_unet(encoder: str = "efficientnet-b0") -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    torch.manual_seed(0)
-    model = smp.Unet(encoder, encoder_weights=None, in_channels=1, classes=1,
-                     aux_params=dict(classes=3, dropout=0.2))
-    # Running statistics of real activations: at initialisation (mean 0, var 1) an eval-mode
-    # EfficientNet gives logits of 1e-12 and maps too small to compare meaningfully.
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-        bn.momentum = None  # cumulative average
-    with torch.no_grad():
-        model.train()(torch.rand(8, 1, 64, 64))
-    return model
-
-
-def images(batch=3, size=12, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 1, size, size, generator=g, dtype=dtype)
 
 
 TARGET = torch.tensor([0, 2, 1])

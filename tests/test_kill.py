@@ -1,6 +1,6 @@
 """SIGKILL at random points: `gazetune search` (then `gazetune resume`) and `gazetune export`.
 
-Issue 7, point 1. Every kill point is drawn from a seeded `random.Random`, printed with its seed
+Every kill point is drawn from a seeded `random.Random`, printed with its seed
 so that a failure can be replayed. The search is small and deterministic (one trial at a time,
 a fixed sampler seed, one torch thread per trial), so a killed and resumed search must export
 the same report as an uninterrupted one: same trials, same configurations, same validation AUCs.
@@ -18,29 +18,28 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import gazetune
+from helpers import assert_complete_history, gazetune, quick_set, reap_group, trial_runs
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from ray.tune import ExperimentAnalysis
-from test_resume import _reap
-from test_search import QUICK, assert_complete_history, trial_runs
 
 from search import tracking
-from search.export import BEST_CONFIGS
+from search.reporting import BEST_CONFIGS
 from search.searcher import load_study
-from trainable.checkpoint import remove_stale_temporaries
+from trainable.files import remove_stale_temporaries
 
 NAME = "det"
 SAMPLES, EPOCHS = 3, 3
-# No early stopping (grace period = the budget): Tune does not save its scheduler's state, so a
-# resumed ASHA rebuilds its rungs from the results it sees after the resume and can stop a
-# trial the uninterrupted search kept (measured: kills at 25 s and 38 s). Without it, the
-# search is deterministic and the comparison below is exact.
+# Early stopping on (ASHA's rungs at epochs 1 and 2): the resumed search must stop the same
+# trials at the same rungs as the uninterrupted one, which needs ASHA's state restored with
+# Tune's (`search.scheduler`). One trial at a time and a seeded sampler make it deterministic.
 SEARCH = ["--name", NAME, "--samples", str(SAMPLES), "--max-epochs", str(EPOCHS),
-          "--grace-period", str(EPOCHS), "--max-concurrent", "1", "--seed", "3", "--set", *QUICK]
-# Seconds after the first "trial ... started" line: the first trial's process start, its three
-# epochs and their checkpoints (it ends about 45 s after that line on a 2-core CPU, measured).
-KILL_WINDOW_S = (1.0, 40.0)
+          "--grace-period", "1", "--max-concurrent", "1", "--seed", "3",
+          "--set", *quick_set(batch_size=16)]
+# Seconds after the first "trial ... started" line: from the first trial's process start
+# through its three epochs (about 45 s on a 2-core CPU, measured) into the later trials, which
+# ASHA judges against the first trial's recorded epochs.
+KILL_WINDOW_S = (1.0, 60.0)
 EXPORT_KILL_SEED = 2024
 EXPORT_KILLS = 4
 
@@ -51,8 +50,8 @@ class Driver:
     def __init__(self, args: list[str], cwd: Path):
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "search", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+            [sys.executable, "-m", "search", *args], cwd=cwd, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         self._started = threading.Event()
         # Drained by a thread: the driver must never block on a full pipe while the test waits.
         threading.Thread(target=self._read, daemon=True).start()
@@ -77,7 +76,7 @@ class Driver:
         finally:
             # Measured: the raylet and the trial's worker go within 2 s of the driver; Ray's
             # dashboard and runtime-env agents stay until killed, so waiting longer gains nothing.
-            _reap(self.proc.pid, wait_s=10)
+            reap_group(self.proc.pid, wait_s=10)
         self.reaped_s = time.monotonic() - start
 
     @property
@@ -148,6 +147,9 @@ def uninterrupted(small_cache, tmp_path_factory) -> Path:
     assert done.returncode == 0, done.stdout + done.stderr
     print(f"uninterrupted search: {time.monotonic() - start:.0f} s\n{done.stdout}")
     assert_study_complete(workdir)
+    pruned = [run for run, _ in trial_runs(workdir, NAME).values()
+              if run.data.tags.get("pruned") == "true"]
+    assert pruned, "ASHA stopped no trial: the kill test would not exercise its rungs"
     exported(workdir)
     return workdir
 

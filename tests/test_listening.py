@@ -8,7 +8,7 @@ import ipaddress
 import psutil
 import pytest
 
-from search.service import _ray
+from search.ray_session import ray_session
 
 # Ray 2.60 binds these processes' gRPC servers to every interface, with no option to change it;
 # `RAY_AUTH_MODE=token`, on by default for a local cluster, refuses clients without the token.
@@ -54,7 +54,7 @@ def listeners(pids: set[int], driver: int) -> list[tuple[str, int, str]]:
 @pytest.mark.slow  # a local Ray start: ~10 s
 def test_the_local_ray_listens_on_loopback_except_its_grpc_servers():
     me = psutil.Process()
-    with _ray(None):
+    with ray_session(None):
         import ray
 
         @ray.remote

@@ -3,12 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import smp_unet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_generators import smp_unet
 from trainable.generators import saliency
-from trainable.losses import LOSS_SETS, classification, loss_terms, map_alignment, rrr_penalty
+from trainable.loss_sets import LOSS_SETS
+from trainable.losses import classification, loss_terms, map_alignment, rrr_penalty
 
 SIZE = 32
 
@@ -133,7 +134,7 @@ def test_loss_sets_have_the_named_terms_and_totals():
     for loss_set, total in expected_totals.items():
         terms = loss_terms(loss_set, logits=logits, labels=labels, r=r, weight=weight,
                            rrr_lambda=lam, **inputs)
-        assert set(terms) == {"cls", "total", *LOSS_SETS[loss_set]}
+        assert set(terms) == {"cls", "total", *LOSS_SETS[loss_set].terms}
         torch.testing.assert_close(terms["total"], total(terms))
     mask = torch.sigmoid(inputs["mask_logits"])
     terms = loss_terms("set3", logits=logits, labels=labels, **inputs)

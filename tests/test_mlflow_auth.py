@@ -7,7 +7,7 @@ import os
 import secrets
 
 import pytest
-from conftest import gazetune
+from helpers import gazetune
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer
 

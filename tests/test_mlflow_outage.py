@@ -14,14 +14,12 @@ import sys
 import time
 
 import pytest
-from conftest import gazetune
+from helpers import assert_complete_history, gazetune, quick_set, reap_group, trial_runs
 from mlflow import MlflowClient
-from test_resume import _reap
-from test_search import QUICK, assert_complete_history, trial_runs
-
 from mlflow_server import MlflowServer
+
 from search import tracking
-from search.service import SearchSettings
+from search.settings import SearchSettings
 
 SAMPLES, EPOCHS = 3, 3
 # Longer than an epoch of these trials (5-15 s on the shared 2-core machine), far shorter than
@@ -36,8 +34,8 @@ def start_search(name: str, server: MlflowServer, cwd, retry_s: float) -> subpro
         return subprocess.Popen(
             [sys.executable, "-m", "search", "search", "--name", name, "--samples",
              str(SAMPLES), "--max-epochs", str(EPOCHS), "--grace-period", "1",
-             "--max-concurrent", "2", "--tracking-uri", server.uri, "--set", *QUICK,
-             "--cache", str(cwd.parent / "cache")],
+             "--max-concurrent", "2", "--tracking-uri", server.uri,
+             "--set", *quick_set(batch_size=16), "--cache", str(cwd.parent / "cache")],
             cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", tracking.RETRY_ENV: str(retry_s)},
         )
@@ -60,7 +58,7 @@ def finish(driver: subprocess.Popen, timeout_s: float = SEARCH_TIMEOUT_S) -> int
     try:
         return driver.wait(timeout=timeout_s)
     finally:
-        _reap(driver.pid, wait_s=10)
+        reap_group(driver.pid, wait_s=10)
 
 
 def assert_study_complete(server: MlflowServer, cwd, name: str) -> None:
@@ -101,7 +99,7 @@ def test_a_short_outage_costs_time_but_no_metric(workdir):
             server.start()  # same port, same store
             returncode = finish(driver)
         finally:
-            _reap(driver.pid, wait_s=0)  # whatever happened, no search left running
+            reap_group(driver.pid, wait_s=0)  # whatever happened, no search left running
         output = (workdir / "blip.log").read_text()
         print(output)
         assert returncode == 0, output
@@ -124,7 +122,7 @@ def test_a_server_that_stays_down_stops_the_search_and_resume_completes_it(workd
             returncode = finish(driver, timeout_s=240)  # no hang
             stopped_s = time.monotonic() - start
         finally:
-            _reap(driver.pid, wait_s=0)  # whatever happened, no search left running
+            reap_group(driver.pid, wait_s=0)  # whatever happened, no search left running
         output = (workdir / "down.log").read_text()
         print(f"--- stopped {stopped_s:.0f} s after the server ---\n{output}")
         assert returncode == 2  # a gazetune error, reported in one line

@@ -12,10 +12,10 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
+from helpers import STUDY, study_in_mlflow
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer
 from PIL import Image
-from test_export import STUDY, study_in_mlflow
 
 from search import tracking
 from search.evaluate import evaluate_study

@@ -40,7 +40,7 @@ def test_smallest_gpu_of_the_cluster():
 
 
 def test_the_search_reads_the_image_size_from_the_cache(small_cache):
-    from search.service import _image_size
+    from search.ray_session import _image_size
 
     assert _image_size(str(small_cache)) == 64
     assert _image_size("s3://bucket/cache") == 224

@@ -3,44 +3,21 @@
 import json
 import pickle
 import time
+from types import SimpleNamespace
 
 import pytest
-from conftest import gazetune
+from helpers import assert_complete_history, gazetune, quick_set, trial_runs
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from search import tracking
+from search.progress import ProgressPrinter, describe
 from search.searcher import load_study
-from search.service import (ProgressPrinter, SearchSettings, describe, parse_fixed,
-                            resume_search, run_search)
+from search.service import resume_search, run_search
+from search.settings import SearchSettings, parse_fixed
 from search.trial import TrialRunCloser
 from trainable.config import ConfigError
 from trainable.errors import GazetuneError
-
-CLASSES = ("mean", "Normal", "CHF", "pneumonia")
-CONTRACT_KEYS = {"train/loss"} | {f"val/auc/{c}{b}" for c in CLASSES for b in ("", "/lo", "/hi")}
-# Quick trials: a smaller bootstrap and one figure per class are enough here.
-QUICK = ["n_boot=200", "figures=1", "batch_size=16"]
-
-
-def trial_runs(workdir, name, uri: str | None = None) -> dict:
-    """{ray trial id: (run, {metric key: [steps]})} of a study in the embedded MLflow store
-    of `workdir`, or at the tracking `uri` when given (a tracking server)."""
-    uri = uri or tracking.resolve_tracking_uri(None, workdir)
-    client = MlflowClient(uri)
-    out = {}
-    for run in tracking.find_trial_runs(uri, name):
-        steps = {k: sorted(m.step for m in client.get_metric_history(run.info.run_id, k))
-                 for k in run.data.metrics}
-        assert run.data.tags[tracking.TRIAL_TAG] not in out, "two runs for one trial"
-        out[run.data.tags[tracking.TRIAL_TAG]] = (run, steps)
-    return out
-
-
-def assert_complete_history(steps: dict, epochs: int) -> None:
-    """Every contract key logged once per epoch 1..epochs: no gap, no duplicate."""
-    for key in CONTRACT_KEYS:
-        assert steps[key] == list(range(1, epochs + 1)), key
 
 
 def test_parse_fixed_types_values_and_refuses_what_the_search_sets():
@@ -95,15 +72,18 @@ def test_resume_of_an_unknown_search_names_where_it_looked(tmp_path):
         resume_search("nope", workdir=tmp_path)
 
 
-def test_callbacks_survive_tunes_pickling(tmp_path, monkeypatch):
+def test_callbacks_survive_tunes_pickling(tmp_path):
     # Tune pickles callbacks with the experiment and reuses them on resume; the closer reads
-    # the search's settings when the search (re)starts.
+    # the search's settings from the folder Tune names for the trials, wherever it is now.
+    import pyarrow.fs
+
     settings = SearchSettings(name="s", max_epochs=3).resolved(tmp_path)
     settings.save()
     closer = pickle.loads(pickle.dumps(TrialRunCloser()))
-    monkeypatch.setenv("GAZETUNE_SEARCH_SETTINGS", f"{settings.path}/gazetune.json")
     closer.setup()
-    assert closer._settings == settings
+    trial = SimpleNamespace(storage=SimpleNamespace(
+        storage_filesystem=pyarrow.fs.LocalFileSystem(), experiment_fs_path=settings.path))
+    assert closer._settings_of(trial) == settings
     printer = pickle.loads(pickle.dumps(ProgressPrinter(8, 3)))
     assert (printer.total, printer.max_t) == (8, 3)
 
@@ -130,7 +110,8 @@ def test_search_end_to_end_eight_trials(small_cache, tmp_path):
     start = time.monotonic()
     done = gazetune("search", "--name", "e2e", "--cache", str(small_cache), "--samples", "8",
                     "--max-epochs", "3", "--grace-period", "1", "--max-concurrent", "2",
-                    "--paper-points", "--set", *QUICK, cwd=tmp_path, check=False)
+                    "--paper-points", "--set", *quick_set(batch_size=16), cwd=tmp_path,
+                    check=False)
     seconds = time.monotonic() - start
     assert done.returncode == 0, done.stdout + done.stderr
     print(f"search of 8 trials x 3 epochs: {seconds:.0f} s\n{done.stdout}")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import gazetune
+from helpers import gazetune
 
+from synthetic.release import synthesize
 from trainable.data.cache import prepare
-from trainable.data.synthetic import synthesize
 
 # 40 images, seed 1: the patient split leaves the validation split without a Normal image.
 IMAGES, SEED = 40, 1

@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from conftest import gazetune
+from helpers import gazetune
 
-from trainable.data import phantom
+from synthetic import phantom
+from synthetic.release import resize_pad, screen_to_original, synthesize
+from trainable.config import CLASS_NAMES as CLASSES
 from trainable.data.split import TEST, patient_split
-from trainable.data.synthetic import CLASSES, resize_pad, screen_to_original, synthesize
 from trainable.errors import GazetuneError
 
 # Literal headers of the release's tables, as published.

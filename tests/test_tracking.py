@@ -11,8 +11,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
-
 from mlflow_server import MlflowServer
+
 from search import tracking
 from search.tracking import TrackingError, TrialRun
 from trainable.config import ConfigError

@@ -8,9 +8,9 @@ import torch
 
 from trainable import train
 from trainable.checkpoint import load_best, load_torch
-from trainable.config import ConfigError, TrialConfig
+from trainable.config import ConfigError, TrialConfig, parse_overrides
 from trainable.errors import DivergedError
-from trainable.loop import CyclicFactor, EpochReport, parse_overrides
+from trainable.loop import CyclicFactor, EpochReport
 
 CONTRACT_KEYS = ["train/loss"] + [
     f"val/auc/{name}{suffix}"

@@ -1,7 +1,10 @@
 """One trial's settings: a frozen dataclass built once from the search's config dict.
 
 Everything below `train(config)` receives a `TrialConfig`, never the raw dict, so a key that
-does not exist or has the wrong type is refused at the door with a message naming it.
+does not exist or has the wrong type is refused at the door with a message naming it. Also the
+names every part of the project shares: the classes (`CLASS_NAMES`), the metric that model
+selection and the search maximise (`METRIC`), and the command line's KEY=VALUE overrides
+(`parse_overrides`). Which keys apply to which loss set: `trainable.loss_sets.applies`.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from trainable import loss_sets
 from trainable.errors import GazetuneError
 
-LOSS_SETS = ("classifier", "baseline", "set1", "set2", "set3", "rrr")
-# Loss sets that compute a generator map (rrr always uses the plain input gradient).
-USES_GENERATOR = ("set1", "set2", "set3")
 GENERATORS = ("guided_backprop", "deconvnet", "gradient", "gradcam")
+# The classes, in the order of the one-hot labels (the master sheet's columns) and of reports.
 CLASS_NAMES = ("Normal", "CHF", "pneumonia")
+METRIC = "val/auc/mean"  # what model selection (trainable.loop) and the search maximise
 
 
 class ConfigError(GazetuneError, ValueError):
@@ -46,7 +49,7 @@ class TrialConfig:
     cache: str = key("cache", "the prepared cache folder (`gazetune prepare`)", pattern=r".+")
     # method
     loss_set: str = key("baseline", "what enters the loss besides classification",
-                        choices=LOSS_SETS)
+                        choices=tuple(loss_sets.LOSS_SETS))
     generator: str = key("guided_backprop", "saliency map of the set1/set2/set3 terms",
                          choices=GENERATORS)
     r: float = key(0.5, "set3 mixing ratio: r * L(mask, gaze) + (1 - r) * L(map, gaze)",
@@ -188,3 +191,15 @@ def _coerce(key: str, value, hint):
             f"config key {key!r}: expected {base.__name__}, got {type(value).__name__} {value!r}"
         )
     return value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """KEY=VALUE strings from the command line → a config dict (values typed by TrialConfig)."""
+    config = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        config[name.strip()] = value
+    TrialConfig.from_dict(config)  # fail now, naming the key, rather than inside a worker
+    return config

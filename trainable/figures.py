@@ -1,4 +1,5 @@
-"""Figures for MLflow and the reports: heatmap panels per image and search-report charts.
+"""Figures of one trial for MLflow and the reports: heatmap panels per image, and the canvas
+every figure of the project is drawn on.
 
 Every function builds a `matplotlib.figure.Figure` with its own Agg canvas and never touches
 pyplot, so figures drawn in a training worker leak no global state and need no display.
@@ -8,7 +9,7 @@ Titles carry class names and probabilities only, never an image's identifiers.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from trainable.checkpoint import atomic_write
+from trainable.files import atomic_write
 
 PANEL_INCHES = 3.2
 MAP_CMAP = "inferno"
@@ -26,7 +27,8 @@ FONT_SIZE = 11
 PANEL_TITLES = ("input", "generator map", "gaze map", "decoder mask")
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A figure with its own Agg canvas, outside pyplot."""
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -70,7 +72,7 @@ def heatmap_panels(
         raise ValueError(f"titles: expected {len(images)}, got {len(titles)}")
 
     n = len(images)
-    fig = _figure(4 * PANEL_INCHES, n * PANEL_INCHES)
+    fig = new_figure(4 * PANEL_INCHES, n * PANEL_INCHES)
     axes = fig.subplots(n, 4, squeeze=False)
     for row, image in enumerate(images):
         background = _unit_range(image)
@@ -99,103 +101,6 @@ def heatmap_panels(
     return fig
 
 
-def auc_interval_chart(rows: Sequence[Mapping], reference_label: str = "paper",
-                       label: str = "AUC (95% CI)") -> Figure:
-    """AUC with its interval per configuration, as horizontal bars, best first as given.
-
-    Args:
-        rows: one mapping per configuration with keys ``label``, ``auc``, ``lo``, ``hi`` and
-            optionally ``reference`` (e.g. the paper's published mean for that configuration),
-            drawn as a hollow diamond.
-        reference_label: legend entry of the reference points.
-        label: legend entry of the rows' AUCs.
-
-    Returns:
-        The figure; with no rows, one that says so.
-    """
-    if not rows:
-        return _message("No configurations to compare yet.")
-    fig = _figure(2 * PANEL_INCHES, 1.2 + 0.4 * len(rows))
-    ax = fig.add_subplot()
-    y = np.arange(len(rows))
-    auc = np.array([r["auc"] for r in rows], dtype=float)
-    err = np.array([[r["auc"] - r["lo"], r["hi"] - r["auc"]] for r in rows], dtype=float).T
-    ax.errorbar(auc, y, xerr=err, fmt="o", color="C0", capsize=4, label=label)
-    ref = [(yi, r["reference"]) for yi, r in zip(y, rows) if r.get("reference") is not None]
-    if ref:
-        ry, rx = zip(*ref)
-        ax.scatter(rx, ry, marker="D", facecolors="none", edgecolors="C3", zorder=3,
-                   label=reference_label)
-    ax.set_yticks(y, [str(r["label"]) for r in rows], fontsize=FONT_SIZE)
-    ax.invert_yaxis()  # first row at the top
-    ax.set_xlabel("AUC", fontsize=FONT_SIZE)
-    ax.grid(axis="x", alpha=0.3)
-    fig.legend(fontsize=FONT_SIZE - 1, loc="outside lower center", ncols=2)
-    return fig
-
-
-def search_history_chart(trials: Sequence[Mapping], metric: str = "val mean AUC") -> Figure:
-    """Validation score of each trial in order, pruned trials marked, best-so-far line.
-
-    Args:
-        trials: one mapping per trial with keys ``number`` (order of start), ``value`` (last
-            reported validation mean AUC, or None) and ``state`` (``"COMPLETE"``, ``"PRUNED"``,
-            ``"FAIL"``, ...). Trials without a value are counted in the title only.
-        metric: the y-axis label.
-
-    Returns:
-        The figure; with no scored trial, one that says so. The best-so-far line follows
-        completed trials only: a pruned trial's score is from fewer epochs.
-    """
-    scored = sorted((t for t in trials if t.get("value") is not None), key=lambda t: t["number"])
-    if not scored:
-        return _message("No trial has reported a validation score yet.")
-    fig = _figure(2 * PANEL_INCHES, 1.2 * PANEL_INCHES)
-    ax = fig.add_subplot()
-    for state, style in (("COMPLETE", dict(marker="o", color="C0")),
-                         ("PRUNED", dict(marker="x", color="0.5"))):
-        points = [(t["number"], t["value"]) for t in scored if t.get("state") == state]
-        if points:
-            ax.scatter(*zip(*points), label=f"{state.lower()} ({len(points)})", **style)
-    complete = [(t["number"], t["value"]) for t in scored if t.get("state") == "COMPLETE"]
-    if complete:
-        number, value = zip(*complete)
-        best = np.maximum.accumulate(value)
-        ax.step(number, best, where="post", color="C1", label="best so far")
-    unscored = len(trials) - len(scored)
-    ax.set_title(f"{len(trials)} trials" + (f", {unscored} without a score" if unscored else ""),
-                 fontsize=FONT_SIZE)
-    ax.set_xlabel("trial number", fontsize=FONT_SIZE)
-    ax.set_ylabel(metric, fontsize=FONT_SIZE)
-    ax.grid(alpha=0.3)
-    fig.legend(fontsize=FONT_SIZE - 1, loc="outside lower center", ncols=3)
-    return fig
-
-
-def importance_chart(
-    importances: Mapping[str, float], title: str = "hyperparameter importance"
-) -> Figure:
-    """Horizontal bars of each hyperparameter's importance, largest at the top.
-
-    Args:
-        importances: name -> importance, e.g. from `optuna.importance.get_param_importances`.
-        title: the axes title.
-
-    Returns:
-        The figure; with no importances, one that says so.
-    """
-    if not importances:
-        return _message("No hyperparameter importances (too few completed trials).")
-    names, values = zip(*sorted(importances.items(), key=lambda kv: kv[1]))  # largest last = top
-    fig = _figure(2 * PANEL_INCHES, 1.0 + 0.4 * len(names))
-    ax = fig.add_subplot()
-    ax.barh(names, values, color="C0")
-    ax.set_xlabel("importance", fontsize=FONT_SIZE)
-    ax.set_title(title, fontsize=FONT_SIZE)
-    ax.tick_params(labelsize=FONT_SIZE)
-    return fig
-
-
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write `fig` as PNG atomically (a reader never sees a half-written file) and release it.
 
@@ -208,8 +113,9 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def _message(text: str) -> Figure:
-    fig = _figure(2 * PANEL_INCHES, PANEL_INCHES)
+def message_figure(text: str) -> Figure:
+    """A figure that only says `text` (a chart with nothing to draw yet)."""
+    fig = new_figure(2 * PANEL_INCHES, PANEL_INCHES)
     ax = fig.add_subplot()
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=FONT_SIZE + 1, wrap=True)
     ax.set_axis_off()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.base import SegmentationModel
 from torch import Tensor, nn
+
 # The common base of BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm and timm's BatchNormAct2d:
 # the classes that own running statistics.
 from torch.nn.modules.batchnorm import _NormBase

@@ -3,6 +3,8 @@
 Metrics leave through one hook, `report(EpochReport)`, called after every epoch; the search
 service turns it into MLflow logging and `tune.report`, and without a hook the metrics are
 printed. Model selection uses the validation split only; the test split is never touched here.
+Also the pieces that evaluation reuses: the cache on the device (`DeviceData`), `predict`,
+`explain`, `evaluate`, and the device a config asks for (`choose_device`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import torch
 
 from trainable import checkpoint
 from trainable.augment import random_affine
-from trainable.config import CLASS_NAMES, USES_GENERATOR, ConfigError, TrialConfig
+from trainable.config import CLASS_NAMES, METRIC, ConfigError, TrialConfig
 from trainable.errors import DivergedError, OutOfGpuMemory
+from trainable.files import check_writable
+from trainable.loss_sets import LOSS_SETS
 from trainable.model import build_model, calibrate_batchnorm, split_outputs
-
-METRIC = "val/auc/mean"  # what model selection (here) and the search (ASHA, Optuna) maximise
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def train(
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
     cache = check_inputs(cfg)
-    device = _device(cfg)
+    device = choose_device(cfg)
     try:
         return _train(cfg, device, cache, report, resume_from)
     except torch.OutOfMemoryError as err:
@@ -77,7 +79,7 @@ def check_inputs(cfg: TrialConfig):
     from trainable.data.cache import check_splits
 
     if cfg.checkpoint_dir:
-        checkpoint.check_writable(cfg.checkpoint_dir, "checkpoint folder")
+        check_writable(cfg.checkpoint_dir, "checkpoint folder")
     cache = load_cache(cfg.cache)  # also checks that the manifest's counts match the arrays
     check_splits(cfg.cache)
     size = cache.images.shape[-1]
@@ -200,15 +202,16 @@ def compute_terms(model, x, y, gaze, cfg: TrialConfig) -> dict[str, torch.Tensor
     from trainable.generators import saliency
     from trainable.losses import loss_terms
 
+    spec = LOSS_SETS[cfg.loss_set]
     mask, logits = split_outputs(model(x))
     target = y.argmax(1)
     gen_map = input_grad = None
     # The map passes run after the train-mode forward: they read the BatchNorm running
     # statistics that forward has just updated, and nothing mutates them afterwards.
-    if cfg.loss_set in USES_GENERATOR:
+    if spec.uses_map:
         gen_map = saliency(model, x, target, cfg.generator,
-                           create_graph=cfg.loss_set in ("set1", "set3"))
-    elif cfg.loss_set == "rrr":
+                           create_graph=spec.trains_through_map)
+    elif spec.input_gradient:
         input_grad = saliency(model, x, target, "gradient", create_graph=True)
     return loss_terms(cfg.loss_set, logits=logits, labels=y, mask_logits=mask, gen_map=gen_map,
                       gaze=gaze, input_grad=input_grad, r=cfg.r, weight=cfg.loss_weight,
@@ -333,19 +336,13 @@ def draw_figures(model, data: DeviceData, cfg: TrialConfig, folder: Path) -> dic
     return {path.name: path}
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """KEY=VALUE strings from the command line → a config dict (values typed by TrialConfig)."""
-    config = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
-        config[key.strip()] = value
-    TrialConfig.from_dict(config)  # fail now, naming the key, rather than inside a worker
-    return config
+def choose_device(cfg: TrialConfig) -> torch.device:
+    """The device of `cfg.device` ("auto": CUDA when available), with the process's GPU memory
+    capped at `cfg.gpu_memory_fraction` when one is set.
 
-
-def _device(cfg: TrialConfig) -> torch.device:
+    Raises:
+        ConfigError: CUDA asked for but not available.
+    """
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

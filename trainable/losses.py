@@ -14,6 +14,7 @@ is `map_alignment`, 1 - Pearson CC, so that Set 3's ratio r mixes comparable qua
 | rrr        | cls + rrr_lambda * rrr                             |
 
 with mask_gaze = L(sigmoid(M), E), map_gaze = L(G, E), mask_map = L(sigmoid(M), G.detach()).
+Each set's terms and what they need are in the registry, `trainable.loss_sets.LOSS_SETS`.
 """
 
 from __future__ import annotations
@@ -22,15 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Loss sets and the terms each one adds to "cls".
-LOSS_SETS = {
-    "classifier": (),
-    "baseline": ("mask_gaze",),
-    "set1": ("map_gaze",),
-    "set2": ("mask_map",),
-    "set3": ("mask_gaze", "map_gaze"),
-    "rrr": ("rrr",),
-}
+from trainable import loss_sets
 
 # Added to variances, so that a constant map has CC 0 instead of 0/0; the maps are scaled to a
 # maximum of 1 first, so it is small against any map that is not constant.
@@ -144,7 +137,7 @@ def loss_terms(loss_set: str, *, logits: Tensor, labels: Tensor,
     """The named terms of a loss set and their weighted "total".
 
     Args:
-        loss_set: a key of `LOSS_SETS`.
+        loss_set: a key of `trainable.loss_sets.LOSS_SETS`.
         logits: class logits [B, 3]; labels: one-hot float [B, 3].
         mask_logits: the decoder's mask logits M [B, 1, H, W] (baseline, set2, set3).
         gen_map: the generator map G [B, C, H, W] (set1, set3 differentiable; set2 any).
@@ -157,16 +150,17 @@ def loss_terms(loss_set: str, *, logits: Tensor, labels: Tensor,
     Returns:
         {"cls": ..., <the set's terms>..., "total": ...}, scalar tensors.
     """
-    if loss_set not in LOSS_SETS:
-        raise KeyError(f"unknown loss set {loss_set!r}; valid: {', '.join(LOSS_SETS)}")
+    if loss_set not in loss_sets.LOSS_SETS:
+        raise KeyError(f"unknown loss set {loss_set!r}; valid: {', '.join(loss_sets.LOSS_SETS)}")
 
     def need(name: str, value: Tensor | None) -> Tensor:
         if value is None:
             raise ValueError(f"loss set {loss_set!r} needs {name}=")
         return value
 
+    spec = loss_sets.LOSS_SETS[loss_set]
     terms = {"cls": classification(logits, labels)}
-    for term in LOSS_SETS[loss_set]:
+    for term in spec.terms:
         if term == "mask_gaze":
             mask = torch.sigmoid(need("mask_logits", mask_logits).float())
             terms[term] = map_alignment(mask, need("gaze", gaze))
@@ -179,14 +173,14 @@ def loss_terms(loss_set: str, *, logits: Tensor, labels: Tensor,
         else:
             terms[term] = rrr_penalty(need("input_grad", input_grad), need("gaze", gaze))
 
-    terms["total"] = terms["cls"] + _heatmap_loss(loss_set, terms, r, weight, rrr_lambda)
+    terms["total"] = terms["cls"] + _heatmap_loss(spec, terms, r, weight, rrr_lambda)
     return terms
 
 
-def _heatmap_loss(loss_set: str, terms: dict[str, Tensor], r: float, weight: float,
+def _heatmap_loss(spec: loss_sets.LossSet, terms: dict[str, Tensor], r: float, weight: float,
                   rrr_lambda: float) -> Tensor | float:
-    if loss_set == "set3":
+    if "r" in spec.keys:  # set3: r shares the weight between the mask and the map term
         return weight * (r * terms["mask_gaze"] + (1 - r) * terms["map_gaze"])
-    if loss_set == "rrr":
+    if spec.input_gradient:  # rrr: weighted by its own lambda
         return rrr_lambda * terms["rrr"]
-    return weight * sum(terms[name] for name in LOSS_SETS[loss_set])  # 0 for classifier
+    return weight * sum(terms[name] for name in spec.terms)  # 0 for classifier

@@ -1,4 +1,5 @@
-"""The network of a trial: an smp U-Net whose encoder bottleneck also feeds a 3-class head.
+"""The network of a trial: an smp U-Net whose encoder bottleneck also feeds a 3-class head
+(only the encoder and head for a loss set without a decoder, `LossSet.decoder`).
 
 Inputs are 1-channel radiographs in [0, 1]. With pretrained encoder weights (from a local file;
 nothing is downloaded) the input is repeated to 3 channels and ImageNet-normalised inside the
@@ -14,6 +15,7 @@ from torch import nn
 
 from trainable.config import TrialConfig
 from trainable.errors import GazetuneError
+from trainable.loss_sets import LOSS_SETS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,7 +34,7 @@ class GrayToImageNet(nn.Module):
 
 
 class EncoderClassifier(nn.Module):
-    """The `classifier` loss set: the U-Net's encoder and head without a decoder (logits only)."""
+    """The U-Net's encoder and head without a decoder (logits only): the `classifier` loss set."""
 
     def __init__(self, encoder: nn.Module, head: nn.Module):
         super().__init__()
@@ -60,7 +62,8 @@ class WithInputTransform(nn.Module):
 
 
 def build_model(cfg: TrialConfig) -> nn.Module:
-    """The trial's model: `model(x)` → `(mask_logits, class_logits)`, or logits for `classifier`.
+    """The trial's model: `model(x)` → `(mask_logits, class_logits)`, or logits for a loss set
+    without a decoder (`classifier`).
 
     Shape:
         x: [B, 1, H, W] with H, W multiples of 32; mask_logits [B, 1, H, W]; logits [B, 3].
@@ -89,9 +92,9 @@ def build_model(cfg: TrialConfig) -> nn.Module:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = 0.1
     net = (
-        EncoderClassifier(unet.encoder, unet.classification_head)
-        if cfg.loss_set == "classifier"
-        else unet
+        unet
+        if LOSS_SETS[cfg.loss_set].decoder
+        else EncoderClassifier(unet.encoder, unet.classification_head)
     )
     return WithInputTransform(GrayToImageNet(), net) if pretrained else net
 

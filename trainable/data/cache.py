@@ -12,7 +12,7 @@ Layout of a cache folder:
                         MIMIC subject and study ids).
 
 Every file is written to a temporary name in its folder and renamed into place
-(`trainable.checkpoint.atomic_write`), so a killed prepare, or one that ran out of disk, leaves
+(`trainable.files.atomic_write`), so a killed prepare, or one that ran out of disk, leaves
 only complete files under their real names; the dataset and its manifest move into place
 together. A dataset and its manifest carry the same input hash: a pair from different runs is
 refused. An unwritable cache folder is refused before anything is decoded.
@@ -26,7 +26,6 @@ import os
 import secrets
 import time
 import zipfile
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,18 +36,20 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from trainable.checkpoint import (
+from trainable.config import CLASS_NAMES
+from trainable.data.dicom import read_dicom
+from trainable.data.egd import SYNTHETIC_MARK, ImageRecord, Release, Skip, read_release
+from trainable.data.heatmaps import SIGMA, fixation_map, static_heatmap
+from trainable.data.split import SPLIT_NAMES
+from trainable.errors import CacheError, DataError
+from trainable.files import (
     WriteError,
     atomic_write,
     atomic_write_all,
     check_writable,
+    opened,
     remove_stale_temporaries,
 )
-from trainable.data.dicom import read_dicom
-from trainable.data.egd import LABELS, SYNTHETIC_MARK, ImageRecord, Release, Skip, read_release
-from trainable.data.heatmaps import SIGMA, fixation_map, static_heatmap
-from trainable.data.split import SPLIT_NAMES
-from trainable.errors import CacheError, DataError
 
 PREPROCESS_VERSION = 1
 DATASET, MANIFEST, ENTRIES = "dataset.npz", "manifest.json", "entries"
@@ -101,7 +102,8 @@ class PrepareSummary:
         work = f"decoded {self.decoded}, reused {self.reused}, {self.seconds:.1f} s"
         lines = [f"prepare: {self.images} images in {self.cache} ({work})"]
         for split in SPLIT_NAMES:
-            per_class = ", ".join(f"{name} {self.counts[split][name]}" for name in LABELS)
+            per_class = ", ".join(f"{name} {self.counts[split][name]}"
+                                  for name in CLASS_NAMES)
             lines.append(f"  {split:<5} {self.counts[split]['total']:>5} ({per_class})")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} input(s):")
@@ -196,7 +198,7 @@ def prepare(
     if summary.written:
         manifest = {
             "version": PREPROCESS_VERSION, "params": params, "input_hash": input_hash,
-            "salt": salt, "images": len(used), "labels": list(LABELS), "counts": counts,
+            "salt": salt, "images": len(used), "labels": list(CLASS_NAMES), "counts": counts,
             "synthetic": (Path(egd_root) / SYNTHETIC_MARK).is_file(),
             "skipped": [_without_paths(s, uid_of) for s in skipped],
             "ignored_fixation_rows": release.ignored_fixation_rows,
@@ -207,9 +209,9 @@ def prepare(
         # pair; the manifest moves last, so a manifest is only ever beside its own dataset.
         with _entries_kept():
             atomic_write_all({
-                cache / DATASET: _to_file(lambda f: np.savez(f, input_hash=input_hash,
-                                                             **dataset)),
-                cache / MANIFEST: _to_file(lambda f: f.write(text)),
+                cache / DATASET: opened(lambda f: np.savez(f, input_hash=input_hash,
+                                                           **dataset)),
+                cache / MANIFEST: opened(lambda f: f.write(text)),
             })
     print(summary)
     return summary
@@ -274,9 +276,9 @@ def _check_arrays(where: Path, arrays: dict[str, np.ndarray]) -> None:
                          f"size, found {arrays['images'].shape[1:]}, "
                          f"{arrays['heatmaps'].shape[1:]}, {arrays['fixations'].shape[1:]}")
     labels = arrays["labels"]
-    if labels.shape[1:] != (len(LABELS),) or (n and not (labels.sum(1) == 1).all()):
-        raise CacheError(f"{where}: labels must be one-hot over {', '.join(LABELS)} (each row "
-                         f"one 1), found shape {labels.shape} with row sums "
+    if labels.shape[1:] != (len(CLASS_NAMES),) or (n and not (labels.sum(1) == 1).all()):
+        raise CacheError(f"{where}: labels must be one-hot over {', '.join(CLASS_NAMES)} (each "
+                         f"row one 1), found shape {labels.shape} with row sums "
                          f"{sorted(set(labels.sum(1).tolist()))[:5]}")
     if not np.isin(arrays["split"], (0, 1, 2)).all():
         raise CacheError(f"{where}: split codes must be 0 (train), 1 (val) or 2 (test)")
@@ -321,9 +323,9 @@ def check_splits(path: str | Path, splits: tuple[str, ...] = ("train", "val"),
     counts = counts if counts is not None else _read_manifest(Path(path)).get("counts") or {}
     for split in splits:
         have = counts.get(split, {})
-        missing = [name for name in LABELS if have.get(name, 0) < 1]
+        missing = [name for name in CLASS_NAMES if have.get(name, 0) < 1]
         if missing:
-            held = ", ".join(f"{name} {have.get(name, 0)}" for name in LABELS)
+            held = ", ".join(f"{name} {have.get(name, 0)}" for name in CLASS_NAMES)
             name = {"train": "training", "val": "validation"}.get(split, split)
             what = "training" if split == "train" else f"a {name} AUC with an interval"
             raise CacheError(
@@ -352,7 +354,7 @@ def build_entry(record: ImageRecord, size: int, sigma: float, target: Path) -> s
         "heatmap": static_heatmap(points, image.shape, sigma, out).astype(np.float16),
         "fixations": fixation_map(points, image.shape, out),
     }
-    _atomic_write(target, lambda f: np.savez(f, **arrays))
+    atomic_write(target, opened(lambda f: np.savez(f, **arrays)))
     return None
 
 
@@ -445,7 +447,7 @@ def _stack(entries: list[dict], records: list[ImageRecord], salt: str) -> dict[s
         "images": np.stack([e["image"] for e in entries]),
         "heatmaps": np.stack([e["heatmap"] for e in entries]),
         "fixations": np.stack([e["fixations"] for e in entries]),
-        "labels": np.eye(len(LABELS), dtype=np.uint8)[[r.label for r in records]],
+        "labels": np.eye(len(CLASS_NAMES), dtype=np.uint8)[[r.label for r in records]],
         "split": np.array([r.split for r in records], dtype=np.int8),
         "uids": np.array(uids, dtype=f"<U{UID_HEX}"),
     }
@@ -485,7 +487,7 @@ def _counts(labels: np.ndarray, split: np.ndarray) -> dict:
     counts = {}
     for code, name in enumerate(SPLIT_NAMES):
         per_class = labels[split == code].sum(axis=0)
-        counts[name] = {label: int(n) for label, n in zip(LABELS, per_class, strict=True)}
+        counts[name] = {label: int(n) for label, n in zip(CLASS_NAMES, per_class, strict=True)}
         counts[name]["total"] = int(per_class.sum())
     return counts
 
@@ -532,18 +534,3 @@ def _entries_kept():
         raise WriteError(f"{err} (the entries written so far are kept: run prepare again once "
                          f"there is room)") from None
 
-
-def _atomic_write(target: Path, write: Callable) -> None:
-    """`atomic_write` with `write(file)` given an open binary file."""
-    atomic_write(target, _to_file(write))
-
-
-def _to_file(write: Callable) -> Callable[[Path], None]:
-    """`write(file)` as a writer of a temporary path: np.savez given a file name not ending in
-    .npz would write to that name plus .npz."""
-
-    def to_path(tmp: Path) -> None:
-        with open(tmp, "wb") as file:
-            write(file)
-
-    return to_path

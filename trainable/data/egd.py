@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from trainable.config import CLASS_NAMES
 from trainable.data.split import patient_split
 from trainable.errors import DataError
 
@@ -24,8 +25,7 @@ MASTER_SHEET = "master_sheet.csv"
 FIXATIONS = "fixations.csv"
 # A file `gazetune synth` writes beside master_sheet.csv; the real release has none.
 SYNTHETIC_MARK = "SYNTHETIC.txt"
-LABELS = ("Normal", "CHF", "pneumonia")  # one-hot columns, in the order labels are reported
-MASTER_COLUMNS = ("dicom_id", "path", "patient_id", *LABELS)
+MASTER_COLUMNS = ("dicom_id", "path", "patient_id", *CLASS_NAMES)  # the classes: one-hot columns
 X, Y, TIME = "X_ORIGINAL", "Y_ORIGINAL", "Time (in secs)"
 FIXATION_COLUMNS = ("DICOM_ID", X, Y, TIME)
 # Where the MIMIC-CXR tree may sit below the folder a user names: the folder holding `files/`
@@ -52,7 +52,7 @@ class ImageRecord:
     dicom_id: str
     patient_id: str
     dicom: Path
-    label: int  # index into LABELS
+    label: int  # index into CLASS_NAMES
     split: int  # trainable.data.split.TRAIN / VAL / TEST
     points: np.ndarray  # float64 [n, 2] fixations (x, y) in original pixels, viewing order
     times: np.ndarray  # float64 [n] `Time (in secs)` of each fixation
@@ -197,7 +197,7 @@ def _dicom_id(name: str) -> str:
 
 def _labels(master: pd.DataFrame) -> np.ndarray:
     """The label columns as numbers (NaN where a cell is not a number). Shape: [N, 3]."""
-    return master[list(LABELS)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    return master[list(CLASS_NAMES)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
 
 
 def _row_problem(row: dict, label: np.ndarray, first_row: int | None) -> str | None:
@@ -208,7 +208,7 @@ def _row_problem(row: dict, label: np.ndarray, first_row: int | None) -> str | N
     if first_row is not None:
         return f"duplicate dicom_id (first at row {first_row})"
     if not (np.isin(label, (0.0, 1.0)).all() and label.sum() == 1.0):
-        cells = ", ".join(f"{name}={row[name]!r}" for name in LABELS)
+        cells = ", ".join(f"{name}={row[name]!r}" for name in CLASS_NAMES)
         return f"label not one-hot ({cells})"
     return None
 

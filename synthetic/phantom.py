@@ -1,4 +1,5 @@
-"""A chest radiograph phantom for the synthetic dataset: anatomy, findings, a lead marker.
+"""The image model of the synthetic release: a chest radiograph phantom with anatomy, findings
+and a lead marker (`synthetic.release` writes its images as DICOM files).
 
 No library draws plausible chest radiographs, so this module builds one from soft-edged
 superellipses and bands (the way MONAI's `create_test_image_2d` draws circles), in a *body

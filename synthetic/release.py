@@ -1,4 +1,4 @@
-"""`gazetune synth`: a synthetic release in the exact EGD-CXR and MIMIC-CXR layout.
+"""`gazetune synth`: the writer of a synthetic release in the exact EGD-CXR and MIMIC-CXR layout.
 
 Real rows of EGD-CXR are covered by a data-use agreement, so tests, the demo and the CI build
 their data here. Everything the reader meets in the real release is reproduced: the byte-identical
@@ -34,7 +34,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from trainable.data import phantom
+from synthetic import phantom
+from trainable.config import CLASS_NAMES
 from trainable.data.egd import SYNTHETIC_MARK
 from trainable.data.split import TEST, patient_split
 from trainable.errors import GazetuneError
@@ -65,7 +66,6 @@ CHEXPERT_COLUMNS = MASTER_COLUMNS[44:58]  # the 14 CheXpert labels: 1, 0, -1 or 
 
 SCREEN_W, SCREEN_H = 1920, 1080  # the eye-tracking monitor
 CANVAS_W, CANVAS_H = 1920, 1024  # what `resize_pad` pasted the image on
-CLASSES = ("Normal", "CHF", "pneumonia")
 ROW_ORDER = ("CHF", "pneumonia", "Normal")  # pd.concat([chf, pneumonia, normals]) in the release
 SESSION_SIZE = 30  # shown files per reading session
 CALIBRATION_EVERY = 20  # images per calibration screen, counted per class
@@ -293,7 +293,7 @@ def _marker_corners(rng, labels, split, shortcut) -> list[str | None]:
     random_corner = rng.integers(len(phantom.CORNERS), size=len(labels))
     corners = []
     for label, code, here, k in zip(labels, split, present, random_corner):
-        corner = phantom.CORNERS[k] if code == TEST else phantom.CORNERS[CLASSES.index(label)]
+        corner = phantom.CORNERS[k] if code == TEST else phantom.CORNERS[CLASS_NAMES.index(label)]
         corners.append(corner if here else None)
     return corners
 
@@ -375,7 +375,7 @@ def _gaze(rng, chest, label, subtlety, shape, pads):
 
 def _calibration_ids(labels, people) -> list[str]:
     """One calibration screen after every 20th image of a class, named after that image."""
-    ids, counted = [], dict.fromkeys(CLASSES, 0)
+    ids, counted = [], dict.fromkeys(CLASS_NAMES, 0)
     for label, person in zip(labels, people):
         counted[label] += 1
         if counted[label] % CALIBRATION_EVERY == 0:
@@ -528,7 +528,7 @@ def _master_row(rng, person: dict, label: str, chest: phantom.Chest, pads) -> li
     for i, (text, code) in enumerate(dx, start=1):
         row[f"dx{i}"], row[f"dx{i}_icd"] = text, code
     row["normal_reports"] = int(label == "Normal")
-    row.update({c: int(c == label) for c in CLASSES})
+    row.update({c: int(c == label) for c in CLASS_NAMES})
     row.update(_report_findings(rng, label, chest))
     row.update(_chexpert(rng, label, chest))
     row["cxr_exam_indication"] = _indication(rng, label, person["gender"])
