@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, when run directly
 
-import bench_metrics  # noqa: E402
-import bench_saliency  # noqa: E402
-from bench_saliency import build, print_steps, timed  # noqa: E402
-from machine import device_name  # noqa: E402
+import bench_metrics
+import bench_saliency
+from bench_saliency import build, print_steps, timed
+from machine import device_name
 
-from trainable.augment import random_affine  # noqa: E402
-from trainable.config import TrialConfig  # noqa: E402
-from trainable.data.cache import Cache  # noqa: E402
-from trainable.loop import DeviceData, compute_terms, draw_figures, evaluate  # noqa: E402
+from trainable.augment import random_affine
+from trainable.config import TrialConfig
+from trainable.data.cache import Cache
+from trainable.loop import DeviceData, compute_terms, draw_figures, evaluate
 
 TRAIN_IMAGES, VAL_IMAGES = 813, 108  # Watanabe et al.'s 80/10/10 split of 1,017 images
 PAPER_TRIALS, PAPER_EPOCHS, PAPER_BATCH = 64, 35, 32
@@ -193,7 +194,7 @@ def data_handling(args, device, n_images: int) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         data_s += time.perf_counter() - t0
-        step_s += timed(lambda: step(x, gaze, y), device)
+        step_s += timed(partial(step, x, gaze, y), device)
     return data_s / (data_s + step_s), (data_s + step_s) / len(starts)
 
 
@@ -246,11 +247,11 @@ def compile_report(args, device, repeats: int) -> None:
             net = torch.compile(model) if mode == "compiled" else model
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
-            def forward():
+            def forward(net=net):
                 with torch.no_grad(), autocast:
                     net.eval()(x)
 
-            def step():
+            def step(net=net, optimizer=optimizer):
                 net.train()
                 optimizer.zero_grad(set_to_none=True)
                 with autocast:
@@ -263,7 +264,7 @@ def compile_report(args, device, repeats: int) -> None:
                 first = timed(fn, device)
                 results[mode] = (first, statistics.median(timed(fn, device)
                                                           for _ in range(max(repeats, 3))))
-            except Exception as err:  # a missing compiler toolchain, an unsupported op
+            except Exception as err:  # noqa: BLE001  (a missing compiler toolchain, an op)
                 print(f"compile {what}: {mode} failed ({type(err).__name__}: {err})")
                 break
         if len(results) == 2:

@@ -21,7 +21,7 @@ from trainable.config import CLASS_NAMES
 from trainable.metrics import bootstrap_auc, multiplicity, resample_indices, weighted_auc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name
 
 COUNTS = (30, 42, 36)  # class counts of the 108-image test split
 

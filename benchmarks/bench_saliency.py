@@ -26,7 +26,7 @@ from trainable.loss_sets import LOSS_SETS
 from trainable.losses import loss_terms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
-from machine import device_name  # noqa: E402
+from machine import device_name
 
 
 def build(size: int, batch: int, device: torch.device, channels_last: bool):
@@ -34,7 +34,7 @@ def build(size: int, batch: int, device: torch.device, channels_last: bool):
 
     torch.manual_seed(0)
     model = smp.Unet("efficientnet-b0", encoder_weights=None, in_channels=1, classes=1,
-                     aux_params=dict(classes=3, dropout=0.2)).to(device)
+                     aux_params={"classes": 3, "dropout": 0.2}).to(device)
     x = torch.rand(batch, 1, size, size, device=device)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size, device=device),
                             torch.linspace(-1, 1, size, device=device), indexing="ij")

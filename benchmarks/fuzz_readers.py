@@ -23,7 +23,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import fuzzing  # noqa: E402  (the fuzzing machinery lives beside the tests that use it)
+import fuzzing
 
 
 def fuzz(name: str, strategy, run, examples: int, rng_seed: int) -> tuple[Counter, list, float]:

@@ -54,7 +54,7 @@ from trainable.metrics import multiplicity, paired_bootstrap_diff, resample_indi
 from trainable.model import build_model, calibrate_batchnorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name
 
 # name -> (release it trains on, trial config overrides). "classifier" on the shortcut release is
 # the reference every gaze-supervised configuration is measured against.
@@ -303,17 +303,17 @@ def markdown(summary: dict, runs: list[dict], setup: dict) -> str:
         top, bottom = summary[CEILING], summary[REFERENCE]
         cost = top["test_auc_mean"] - bottom["test_auc_mean"]
         _, lo, hi = top["diff_vs_classifier"]
-        lines += [f"Shortcut cost: ceiling {top['test_auc_mean']:.3f} vs shortcut classifier "
+        lines += [(f"Shortcut cost: ceiling {top['test_auc_mean']:.3f} vs shortcut classifier "
                   f"{bottom['test_auc_mean']:.3f} test mean AUC, a loss of {cost:.3f} (paired 95% "
                   f"CI {lo:.3f} to {hi:.3f}); target >= 0.10: "
-                  f"{'met' if cost >= 0.10 else 'MISSED'}.", ""]
+                  f"{'met' if cost >= 0.10 else 'MISSED'}."), ""]
     lines += [
-        "Test mean AUC on the shortcut release's test images (marker in a random corner), mean "
+        ("Test mean AUC on the shortcut release's test images (marker in a random corner), mean "
         "over seeds; *marker-free*: the same test images without the marker (what the findings "
         "alone give); gap recovered = (AUC - AUC_classifier) / (AUC_ceiling - AUC_classifier); "
-        "Δ: paired bootstrap against the shortcut classifier, same resamples, seed-averaged.", "",
-        "| configuration | best val epoch: test AUC (± sd) | gap recovered | Δ vs classifier "
-        "(95% CI) | marker-free | last epoch: test AUC | gap recovered | marker-free |",
+        "Δ: paired bootstrap against the shortcut classifier, same resamples, seed-averaged."), "",
+        ("| configuration | best val epoch: test AUC (± sd) | gap recovered | Δ vs classifier "
+        "(95% CI) | marker-free | last epoch: test AUC | gap recovered | marker-free |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         e = summary[name]
@@ -325,14 +325,14 @@ def markdown(summary: dict, runs: list[dict], setup: dict) -> str:
             + f" | {e['test_marker_free_auc_mean']:.3f} | {e['test_last_auc_mean']:.3f} | "
             f"{_fmt(e.get('gap_recovered_last'), '{:.2f}')} | "
             f"{e['test_last_marker_free_auc_mean']:.3f} |")
-    lines += ["", "Validation (at the best epoch) and where the model looks: map CC = Pearson CC "
+    lines += ["", ("Validation (at the best epoch) and where the model looks: map CC = Pearson CC "
               "of the configuration's generator map (guided backprop unless named; the input "
               "gradient for rrr) with gaze; mask CC only where the loss trains the mask; corner "
               "share = share of |∂logit/∂x| in the three marker corners of the test images "
               "(6% of the image), at the best and the last epoch; marker cost = marker-free "
-              "minus marked test AUC (what the marker itself takes away), best / last.", "",
-              "| configuration | val AUC | val map CC | val mask CC | corner share best / last "
-              "| marker cost best / last | best epochs | train s (all seeds) |",
+              "minus marked test AUC (what the marker itself takes away), best / last."), "",
+              ("| configuration | val AUC | val map CC | val mask CC | corner share best / last "
+              "| marker cost best / last | best epochs | train s (all seeds) |"),
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         e = summary[name]
@@ -341,8 +341,8 @@ def markdown(summary: dict, runs: list[dict], setup: dict) -> str:
             f"| {name} | {_fmt(e['val/auc/mean'])} | {_fmt(e['val/map/cc'])} | "
             f"{_fmt(e['val/mask/cc'])} | {e['corner_share']:.3f} / {e['corner_share_last']:.3f}"
             f" | {cost[0]:.3f} / {cost[1]:.3f} | {e['best_epoch']} | {e['seconds']:.0f} |")
-    lines += ["", "Per run (test mean AUC at the best validation epoch, 95% bootstrap CI, "
-              f"{N_BOOT:,} stratified resamples):", "",
+    lines += ["", ("Per run (test mean AUC at the best validation epoch, 95% bootstrap CI, "
+              f"{N_BOOT:,} stratified resamples):"), "",
               "| configuration | seed | test mean AUC | Normal | CHF | pneumonia |",
               "| --- | --- | --- | --- | --- | --- |"]
     for run in sorted(runs, key=lambda r: (list(CONFIGS).index(r["config"]), r["seed"])):
@@ -351,12 +351,13 @@ def markdown(summary: dict, runs: list[dict], setup: dict) -> str:
             f"| {run['config']} | {run['seed']} | {t['test/auc/mean']:.3f} "
             f"({t['test/auc/mean/lo']:.3f}–{t['test/auc/mean/hi']:.3f}) | "
             + " | ".join(f"{t[f'test/auc/{c}']:.3f}" for c in CLASS_NAMES) + " |")
-    lines += ["", "Loss-term gradients on the encoder and head, each term weighted as in the loss "
+    lines += ["", ("Loss-term gradients on the encoder and head, each term weighted as in the loss"
+                   " "
               "(mean over seeds, first two training batches): norm, and cosine with the "
               "classification term's gradient, at initialisation and at the best epoch; the "
-              "term's training value at epoch 1 and at the last epoch.", "",
-              "| configuration | term | ‖∇‖ init | ‖∇‖ best | cos(∇cls) init | cos(∇cls) best | "
-              "term epoch 1 → last |", "| --- | --- | --- | --- | --- | --- | --- |"]
+              "term's training value at epoch 1 and at the last epoch."), "",
+              ("| configuration | term | ‖∇‖ init | ‖∇‖ best | cos(∇cls) init | cos(∇cls) best | "
+              "term epoch 1 → last |"), "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         group = [r for r in runs if r["config"] == name and r["grad_norms"]["init"]]
         for term in group[0]["grad_norms"]["init"] if group else ():
@@ -371,10 +372,10 @@ def markdown(summary: dict, runs: list[dict], setup: dict) -> str:
     if gaze and summary[gaze[0]].get("gap_recovered") is not None:
         best = max(gaze, key=lambda n: summary[n]["test_auc_mean"])
         g = summary[best]["gap_recovered"]
-        lines += ["", f"Best gaze-supervised configuration by mean test AUC: {best}, gap "
+        lines += ["", (f"Best gaze-supervised configuration by mean test AUC: {best}, gap "
                   f"recovered {g:.2f}; target >= 0.5: {'met' if g >= 0.5 else 'MISSED'}. (Chosen "
                   "on the test split, as the target is defined; every configuration's paired "
-                  "interval is in the table.)"]
+                  "interval is in the table.)")]
     return "\n".join(lines) + "\n"
 
 
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
     shortcut = load_cache(caches["shortcut"])
     labels = shortcut.labels[shortcut.indices("test")]
     summary = summarise(runs, labels)
-    counts = {s: int(len(shortcut.indices(s))) for s in ("train", "val", "test")}
+    counts = {s: len(shortcut.indices(s)) for s in ("train", "val", "test")}
     setup = {"images": f"{args.images} ({counts['train']}/{counts['val']}/{counts['test']})",
              "size": f"{args.size} px", "sigma": args.sigma, "shortcut": args.shortcut,
              "subtlety": args.subtlety, "encoder": args.encoder, "epochs": args.epochs,

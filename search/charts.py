@@ -67,8 +67,8 @@ def search_history_chart(trials: Sequence[Mapping], metric: str = "val mean AUC"
         return message_figure("No trial has reported a validation score yet.")
     fig = new_figure(2 * PANEL_INCHES, 1.2 * PANEL_INCHES)
     ax = fig.add_subplot()
-    for state, style in (("COMPLETE", dict(marker="o", color="C0")),
-                         ("PRUNED", dict(marker="x", color="0.5"))):
+    for state, style in (("COMPLETE", {"marker": "o", "color": "C0"}),
+                         ("PRUNED", {"marker": "x", "color": "0.5"})):
         points = [(t["number"], t["value"]) for t in scored if t.get("state") == state]
         if points:
             ax.scatter(*zip(*points), label=f"{state.lower()} ({len(points)})", **style)

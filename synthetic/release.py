@@ -41,25 +41,8 @@ from trainable.data.split import TEST, patient_split
 from trainable.errors import GazetuneError
 
 # The release's headers, byte for byte (master sheet, fixations, bounding boxes).
-MASTER_COLUMNS = tuple(
-    "dicom_id,path,study_id,patient_id,stay_id,gender,anchor_age,image_top_pad,image_bottom_pad,"
-    "image_left_pad,image_right_pad,dx1,dx1_icd,dx2,dx2_icd,dx3,dx3_icd,dx4,dx4_icd,dx5,dx5_icd,"
-    "dx6,dx6_icd,dx7,dx7_icd,dx8,dx8_icd,dx9,dx9_icd,normal_reports,Normal,CHF,pneumonia,"
-    "consolidation,enlarged_cardiac_silhouette,linear__patchy_atelectasis,"
-    "lobar__segmental_collapse,not_otherwise_specified_opacity___pleural__parenchymal_opacity__,"
-    "pleural_effusion_or_thickening,pulmonary_edema__hazy_opacity,normal_anatomically,"
-    "elevated_hemidiaphragm,hyperaeration,vascular_redistribution,atelectasis__chx,"
-    "cardiomegaly__chx,consolidation__chx,edema__chx,enlarged_cardiomediastinum__chx,"
-    "fracture__chx,lung_lesion__chx,lung_opacity__chx,no_finding__chx,pleural_effusion__chx,"
-    "pleural_other__chx,pneumonia__chx,pneumothorax__chx,support_devices__chx,"
-    "cxr_exam_indication".split(",")
-)
-FIXATION_COLUMNS = tuple(
-    "SESSION_ID,MEDIA_ID,DICOM_ID,CNT,Time (in secs),TIMETICK(f=10000000),FPOGX,FPOGY,FPOGS,"
-    "FPOGD,FPOGID,FPOGV,BPOGX,BPOGY,BPOGV,LPCX,LPCY,LPD,LPS,LPV,RPCX,RPCY,RPD,RPS,RPV,BKID,"
-    "BKDUR,BKPMIN,LPMM,LPMMV,RPMM,RPMMV,SACCADE_MAG,SACCADE_DIR,VID_FRAME,X_ORIGINAL,"
-    "Y_ORIGINAL".split(",")
-)
+MASTER_COLUMNS = ("dicom_id", "path", "study_id", "patient_id", "stay_id", "gender", "anchor_age", "image_top_pad", "image_bottom_pad", "image_left_pad", "image_right_pad", "dx1", "dx1_icd", "dx2", "dx2_icd", "dx3", "dx3_icd", "dx4", "dx4_icd", "dx5", "dx5_icd", "dx6", "dx6_icd", "dx7", "dx7_icd", "dx8", "dx8_icd", "dx9", "dx9_icd", "normal_reports", "Normal", "CHF", "pneumonia", "consolidation", "enlarged_cardiac_silhouette", "linear__patchy_atelectasis", "lobar__segmental_collapse", "not_otherwise_specified_opacity___pleural__parenchymal_opacity__", "pleural_effusion_or_thickening", "pulmonary_edema__hazy_opacity", "normal_anatomically", "elevated_hemidiaphragm", "hyperaeration", "vascular_redistribution", "atelectasis__chx", "cardiomegaly__chx", "consolidation__chx", "edema__chx", "enlarged_cardiomediastinum__chx", "fracture__chx", "lung_lesion__chx", "lung_opacity__chx", "no_finding__chx", "pleural_effusion__chx", "pleural_other__chx", "pneumonia__chx", "pneumothorax__chx", "support_devices__chx", "cxr_exam_indication")
+FIXATION_COLUMNS = ("SESSION_ID", "MEDIA_ID", "DICOM_ID", "CNT", "Time (in secs)", "TIMETICK(f=10000000)", "FPOGX", "FPOGY", "FPOGS", "FPOGD", "FPOGID", "FPOGV", "BPOGX", "BPOGY", "BPOGV", "LPCX", "LPCY", "LPD", "LPS", "LPV", "RPCX", "RPCY", "RPD", "RPS", "RPV", "BKID", "BKDUR", "BKPMIN", "LPMM", "LPMMV", "RPMM", "RPMMV", "SACCADE_MAG", "SACCADE_DIR", "VID_FRAME", "X_ORIGINAL", "Y_ORIGINAL")
 BOX_COLUMNS = ("dicom_id", "bbox_name", "x1", "x2", "y1", "y2")
 FINDING_COLUMNS = MASTER_COLUMNS[33:44]  # the 11 report findings, 0/1
 CHEXPERT_COLUMNS = MASTER_COLUMNS[44:58]  # the 14 CheXpert labels: 1, 0, -1 or empty

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -39,7 +40,7 @@ class MlflowServer:
         self.log = self.root / "server.log"
         self._proc: subprocess.Popen | None = None
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         cmd = [
             sys.executable, "-m", "mlflow", "server",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
@@ -106,7 +107,7 @@ class MlflowServer:
                     return
             time.sleep(0.1)
 
-    def __enter__(self) -> "MlflowServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -42,7 +42,7 @@ def test_the_readme_demo_in_a_fresh_clone(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(clone)}  # the clone's code, not the installed one
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "search", "demo"], cwd=clone, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     print(f"demo in a fresh clone: {time.monotonic() - start:.0f} s\n{done.stdout[-4000:]}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = clone / "reports" / "demo"

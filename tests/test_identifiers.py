@@ -89,8 +89,8 @@ def test_a_logged_training_run_writes_no_identifier(small_dataset, small_cache, 
     from search.tracking import find_trial_runs, train_logged
 
     monkeypatch.chdir(tmp_path)  # the embedded defaults: ./mlflow.db and ./mlartifacts
-    config = dict(cache=str(small_cache), loss_set="baseline", epochs=1, batch_size=8,
-                  n_boot=100, figures=1, threads=2)
+    config = {"cache": str(small_cache), "loss_set": "baseline", "epochs": 1, "batch_size": 8,
+                  "n_boot": 100, "figures": 1, "threads": 2}
     train_logged(config, experiment="scan", tracking_uri=None)
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["mlartifacts", "mlflow.db"]

@@ -118,9 +118,9 @@ def test_rrr_penalty_is_the_fraction_of_gradient_energy_outside_the_gaze():
 def test_loss_sets_have_the_named_terms_and_totals():
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(2, 3, generator=g), torch.eye(3)[[0, 2]]
-    inputs = dict(mask_logits=torch.randn(2, 1, SIZE, SIZE, generator=g),
-                  gen_map=torch.randn(2, 1, SIZE, SIZE, generator=g), gaze=GAZE,
-                  input_grad=torch.randn(2, 1, SIZE, SIZE, generator=g))
+    inputs = {"mask_logits": torch.randn(2, 1, SIZE, SIZE, generator=g),
+                  "gen_map": torch.randn(2, 1, SIZE, SIZE, generator=g), "gaze": GAZE,
+                  "input_grad": torch.randn(2, 1, SIZE, SIZE, generator=g)}
     weight, r, lam = 0.7, 0.3, 5.0
     expected_totals = {
         "classifier": lambda t: t["cls"],

@@ -104,14 +104,14 @@ def test_paired_difference_detects_a_better_score_and_matches_separate_aucs():
     assert diff["mean"][0] == pytest.approx(a["mean"][0] - b["mean"][0], abs=1e-12)
     assert diff["mean"][1] > 0  # the interval excludes 0
     # shared resamples make the difference's interval narrower than the sum of half-widths
-    half = lambda r: (r["mean"][2] - r["mean"][1]) / 2  # noqa: E731
+    half = lambda r: (r["mean"][2] - r["mean"][1]) / 2
     assert (diff["mean"][2] - diff["mean"][1]) / 2 < half(a) + half(b)
 
 
 def test_paper_protocol_is_wider_than_stratified_at_108_images():
     y = labels()
     s = scores(y)
-    width = lambda r: r["mean"][2] - r["mean"][1]  # noqa: E731
+    width = lambda r: r["mean"][2] - r["mean"][1]
     paper = [width(bootstrap_auc(y, s, NAMES, seed=k, protocol="paper")) for k in range(5)]
     stratified = width(bootstrap_auc(y, s, NAMES, protocol="stratified"))
     assert np.mean(paper) > 1.2 * stratified

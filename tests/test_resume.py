@@ -72,7 +72,9 @@ def test_trial_failing_beyond_max_failures_is_failed_with_its_reason(small_cache
     assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
 
 
-@pytest.mark.slow
+# A repeat of the driver-kill scenario (here: two trials at once, killed between trials): CI
+# runs its seeded case in test_kill.py; this one is for a person (`pytest -m soak`).
+@pytest.mark.soak
 def test_resume_after_the_driver_is_killed(small_cache, tmp_path):
     n = 4
     driver = subprocess.Popen(

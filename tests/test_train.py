@@ -20,8 +20,8 @@ CONTRACT_KEYS = ["train/loss"] + [
 
 
 def quick(cache, tmp_path, **over):
-    cfg = dict(cache=str(cache), epochs=2, batch_size=8, n_boot=200, figures=1, threads=2,
-               checkpoint_dir=str(tmp_path / "ck"), lr=1e-3)
+    cfg = {"cache": str(cache), "epochs": 2, "batch_size": 8, "n_boot": 200, "figures": 1,
+           "threads": 2, "checkpoint_dir": str(tmp_path / "ck"), "lr": 1e-3}
     cfg.update(over)
     return cfg
 
@@ -47,7 +47,7 @@ def test_train_every_loss_set(small_cache, tmp_path, loss_set):
     assert {f"train/{t}" for t in expected} | {"train/loss"} <= terms
     assert reports[0].is_best  # the first epoch is always the best so far
     assert reports[0].figures and all(p.is_file() for p in reports[0].figures.values())
-    state, config, metrics = load_best(final["checkpoint_dir"])
+    _state, config, metrics = load_best(final["checkpoint_dir"])
     assert config["loss_set"] == loss_set and metrics["epoch"] == final["best_epoch"]
     assert final["best/val/auc/mean"] == max(r.metrics["val/auc/mean"] for r in reports)
 

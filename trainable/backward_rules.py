@@ -35,9 +35,9 @@ code leaves the rule modified; its parameter gradients were measured 3.6-6.7x wr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

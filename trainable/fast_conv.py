@@ -19,8 +19,8 @@ is computed, like the activation rules of `trainable.backward_rules`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -105,8 +105,8 @@ class _RouteGroupedConvs(TorchFunctionMode):
 
 
 def _conv2d_arguments(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    return dict(input=input, weight=weight, bias=bias, stride=stride, padding=padding,
-                dilation=dilation, groups=groups)
+    return {"input": input, "weight": weight, "bias": bias, "stride": stride, "padding": padding,
+                "dilation": dilation, "groups": groups}
 
 
 def is_grouped_conv(module: nn.Module) -> bool:

@@ -24,8 +24,8 @@ have moved them; `trainable.losses.map_alignment` is built to take maps of any s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
