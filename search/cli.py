@@ -106,7 +106,8 @@ def _search_summary(summary) -> int:
 def _export(args) -> int:
     from search.export import export
 
-    export(args.name, tracking_uri=args.tracking_uri, reports=args.reports, top_k=args.top_k)
+    export(args.name, tracking_uri=args.tracking_uri, reports=args.reports, top_k=args.top_k,
+           register=args.register)
     return 0
 
 
@@ -115,6 +116,14 @@ def _evaluate(args) -> int:
 
     evaluate_study(args.name, run_id=args.run_id, protocol=args.protocol, cache=args.cache,
                    tracking_uri=args.tracking_uri, reports=args.reports, n_boot=args.n_boot)
+    return 0
+
+
+def _predict(args) -> int:
+    from search.predict import predict_files
+
+    predict_files(args.model_uri, args.files, out=args.out, saliency=args.saliency,
+                  tracking_uri=args.tracking_uri)
     return 0
 
 
@@ -224,8 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="trial config keys (listed below); unset keys keep their defaults")
     p.add_argument("--experiment", default="train", help="MLflow experiment of the run")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow: http://HOST:PORT or sqlite:///PATH (default: ./mlflow.db)")
+    _add_tracking_uri(p)
     p.set_defaults(func=_train)
 
     _add_service_commands(sub)
@@ -295,23 +303,44 @@ def _add_service_commands(sub) -> None:
     p.set_defaults(func=_resume)
 
 
+def _add_tracking_uri(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow: http://HOST:PORT or sqlite:///PATH (default: ./mlflow.db)")
+
+
 def _add_location_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=DEFAULTS.address,
                    help="Ray cluster address (default: a new local Ray instance)")
     p.add_argument("--storage", default=DEFAULTS.storage,
                    help="Tune's storage: a path (shared on a cluster) or a URI such as s3://...")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow: http://HOST:PORT or sqlite:///PATH (default: ./mlflow.db)")
+    _add_tracking_uri(p)
 
 
 def _add_report_commands(sub) -> None:
-    """export, evaluate and demo: reports of a study."""
+    """export, predict, evaluate and demo: reports of a study and its best model."""
     p = sub.add_parser("export", help="write reports/NAME/ from a study's MLflow runs")
     p.add_argument("name", help="the study name (= the MLflow experiment)")
     p.add_argument("--top-k", type=int, default=10,
                    help="trials listed in best_configs.json (default: 10)")
+    p.add_argument("--register", default=None, metavar="MODEL",
+                   help="also log the best trial's checkpoint as an MLflow Model of its run and "
+                        "register it as a version of MODEL in the Model Registry (default: "
+                        "no registration)")
     _add_report_options(p)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("predict", help="class probabilities of new DICOMs from a logged model")
+    p.add_argument("model_uri", metavar="MODEL_URI",
+                   help="models:/NAME/VERSION (from export --register), runs:/RUN_ID/model, or "
+                        "a downloaded model's folder")
+    p.add_argument("files", nargs="+", metavar="FILE.dcm",
+                   help="DICOMs, decoded and resized as `gazetune prepare` does")
+    p.add_argument("--out", type=Path, default=None, metavar="CSV",
+                   help="write the probabilities to this CSV (default: print a table)")
+    p.add_argument("--saliency", type=Path, default=None, metavar="FOLDER",
+                   help="write one saliency panel PNG per image into FOLDER (default: none)")
+    _add_tracking_uri(p)
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("evaluate",
                               help="evaluate a study's best checkpoint on the test split")
@@ -343,8 +372,7 @@ def _add_report_commands(sub) -> None:
 
 
 def _add_report_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow: http://HOST:PORT or sqlite:///PATH (default: ./mlflow.db)")
+    _add_tracking_uri(p)
     p.add_argument("--reports", type=Path, default=Path("reports"),
                    help="folder of the reports (default: ./reports)")
 

@@ -30,7 +30,14 @@ from search.reporting import (
     write_text,
 )
 from search.storage import absolute
-from search.study import SCORES, checkpoint_uri, finite, ranked_trials, read_trials
+from search.study import (
+    SCORES,
+    checkpoint_uri,
+    evaluation_scores,
+    finite,
+    ranked_trials,
+    read_trials,
+)
 from trainable.config import CLASS_NAMES, TrialConfig
 from trainable.data.cache import data_origin
 from trainable.errors import GazetuneError
@@ -90,7 +97,7 @@ def evaluate_study(name: str, run_id: str | None = None, protocol: str = "strati
         "method": "/".join(p for p in trial.method if p), "epoch": trial.epoch,
         "checkpoint_uri": checkpoint_uri(trial.run_id), "split": "test",
         "images": counts, "protocol": protocol, "n_boot": _resamples(cfg), "alpha": 0.05,
-        "seed": cfg.seed, "test": _scores(metrics), "val": trial.val,
+        "seed": cfg.seed, "test": evaluation_scores(metrics), "val": trial.val,
         "agreement": _agreement(metrics), "evaluation_run_id": None,
         "data": data_origin(cfg.cache), "panels": f"{FIGURES}/{files[2]}",
     }
@@ -180,7 +187,7 @@ def _evaluate(state: dict, cfg: TrialConfig):
         raise GazetuneError(f"cache {cfg.cache} has no test split")
     metrics, predictions = evaluate(model, data, idx, cfg, prefix="test")
     labels = data.cache.labels[idx]
-    counts = {"total": int(len(idx)),
+    counts = {"total": len(idx),
               **{c: int(n) for c, n in zip(CLASS_NAMES, labels.sum(0))}}
     return metrics, _panels(data, idx, predictions, cfg), counts
 
@@ -210,11 +217,6 @@ def _row(label: str, scores: dict) -> str:
     return f"| {label} | " + " | ".join(format_auc(scores[n]) for n in SCORES) + " |"
 
 
-def _scores(metrics: dict) -> dict:
-    return {n: [finite(metrics.get(f"test/auc/{n}{b}")) for b in ("", "/lo", "/hi")]
-            for n in SCORES}
-
-
 def _agreement(metrics: dict) -> dict:
     """{"map": {cc, kl, nss}, "mask": {...}} (mask only for models with a decoder)."""
     out: dict = {}
@@ -236,7 +238,10 @@ def _record(name: str, uri: str, trial, cfg: TrialConfig, metrics: dict, out: Pa
     """The study's evaluation run in MLflow, with the report files as its artifacts."""
     with tracking.evaluation_run(uri, name, run_name=f"evaluation of trial {trial.number}",
                                  tags={"evaluates": trial.run_id,
-                                       "gazetune.kind": "evaluation"}) as run:
+                                       "gazetune.kind": "evaluation",
+                                       # shown under the search, beside its trials
+                                       **({tracking.PARENT_TAG: trial.parent}
+                                          if trial.parent else {})}) as run:
         run.log(metrics, {"protocol": cfg.boot_protocol, "n_boot": result["n_boot"],
                           "cache": cfg.cache, "evaluated_run": trial.run_id, "split": "test"})
         result["evaluation_run_id"] = run.run_id
@@ -278,9 +283,9 @@ def evaluation_markdown(result: dict) -> str:
         "",
         DATA_NOTES[result.get("data", "unknown")],
         "",
-        f"Trial {result['trial']} ({result['method']}), MLflow run `{result['run_id']}`, its "
+        (f"Trial {result['trial']} ({result['method']}), MLflow run `{result['run_id']}`, its "
         f"best validation epoch ({result['epoch']}), checkpoint `{result['checkpoint_uri']}`. "
-        f"Recorded in MLflow as run `{result['evaluation_run_id']}`.",
+        f"Recorded in MLflow as run `{result['evaluation_run_id']}`."),
         "",
         f"Test split: {images['total']} images ("
         + ", ".join(f"{c} {images[c]}" for c in CLASS_NAMES) + f"). One-vs-rest AUC with 95% "
@@ -297,8 +302,8 @@ def evaluation_markdown(result: dict) -> str:
         lines.append(f"| {PAPER_SOURCE} ({label}) | " + " | ".join(
             [format_auc(list(mean)), *(f"{auc:.3f}" for auc in per_class)]) + " |")
     lines += ["", "## Agreement of maps with the radiologist's gaze", "",
-              "Mean over test images: Pearson CC (higher is closer), KL divergence of the map "
-              "from the gaze heatmap (lower is closer), NSS at the fixations (higher is closer).",
+              ("Mean over test images: Pearson CC (higher is closer), KL divergence of the map "
+              "from the gaze heatmap (lower is closer), NSS at the fixations (higher is closer)."),
               "", "| map | CC | KL | NSS |", "| --- | --- | --- | --- |"]
     names = {"map": "generator map", "mask": "decoder mask"}
     for kind, values in result["agreement"].items():
@@ -307,8 +312,8 @@ def evaluation_markdown(result: dict) -> str:
             + " |")
     panels = result.get("panels", f"{FIGURES}/{PANELS}")
     lines += ["", f"![test heatmap panels]({panels})", "",
-              "Rows: test images by class (correctly classified first), titled by class and "
-              "predicted probability; columns: input, generator map, gaze map, decoder mask.", ""]
+              ("Rows: test images by class (correctly classified first), titled by class and "
+              "predicted probability; columns: input, generator map, gaze map, decoder mask."), ""]
     return "\n".join(lines)
 
 

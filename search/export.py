@@ -1,12 +1,15 @@
 """`gazetune export NAME`: a study's MLflow runs turned into `reports/NAME/`.
 
-MLflow is the source of truth: every trial's child run holds its params (the full trial config),
-its per-epoch validation AUCs and its best checkpoint. A trial is scored at its best validation
-epoch (where `val/auc/mean` peaks, the epoch its checkpoint holds), not at its last one, and the
-report is written from those scores:
+MLflow is the source of truth: every trial's child run holds its params (the trial config's keys
+that apply to its loss set; the whole config in config.json), its per-epoch validation AUCs and
+its best checkpoint. A trial is scored at its best validation epoch (where `val/auc/mean`
+peaks, the epoch its checkpoint holds), not at its last one, and the report is written from
+those scores:
 
-    best_configs.json   the top-k trials, best first (`test` stays null until `evaluate`)
+    best_configs.json   the top-k trials, best first (`test`: the study's latest evaluation of
+                        the trial in MLflow, null until `evaluate`)
     summary.md          the best trial of each loss set x generator beside the paper's numbers
+    optuna.db           the study for `optuna.load_study` and optuna-dashboard
     figures/            AUC per configuration, the search's history, Optuna's importances and
                         the heatmap panels that each configuration's best run drew
 
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from search import tracking
 from search.names import check_name
+from search.registry import check_model_name, register_best
 from search.reporting import (
     BEST_CONFIGS,
     DATA_NOTES,
@@ -46,21 +50,24 @@ from search.study import (
     checkpoint_uri,
     data_origin_of,
     ranked_trials,
+    read_evaluations,
     read_trials,
     space_name,
     typed_config,
 )
-from trainable.config import ConfigError
+from trainable.config import METRIC, ConfigError
 from trainable.errors import GazetuneError
-from trainable.files import remove_stale_temporaries
+from trainable.files import atomic_write, remove_stale_temporaries
 
 DEFAULT_TOP_K = 10
 MIN_IMPORTANCE_TRIALS = 3  # fANOVA runs with 2, but 2 scores say nothing about 4 parameters
+OPTUNA_STUDY = "optuna.db"  # the study for optuna.load_study and optuna-dashboard
 PANELS_PREFIX = "val_heatmaps_"  # heatmap panels copied from each configuration's best run
 
 
 def export(name: str, tracking_uri: str | None = None, reports: str | Path = "reports",
-           top_k: int = DEFAULT_TOP_K, workdir: Path | None = None) -> Path:
+           top_k: int = DEFAULT_TOP_K, workdir: Path | None = None,
+           register: str | None = None) -> Path:
     """Write `reports/<name>/` from the study's MLflow runs; returns that folder.
 
     Args:
@@ -69,12 +76,16 @@ def export(name: str, tracking_uri: str | None = None, reports: str | Path = "re
         reports: the folder holding one report folder per study (relative to `workdir`).
         top_k: how many trials `best_configs.json` lists.
         workdir: where relative paths are taken from (default: the current directory).
+        register: a registered model's name: the best trial's checkpoint, logged as an MLflow
+            Model of its run (once), becomes a version of it (`search.registry`).
 
     Raises:
         GazetuneError: the study does not exist or no trial has a validation score yet.
     """
     workdir = Path(workdir or Path.cwd())
     check_name(name)
+    if register is not None:
+        check_model_name(register)
     if not 1 <= top_k <= 10_000:
         raise ConfigError(f"--top-k must be in [1, 10000], got {top_k}")
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
@@ -86,28 +97,43 @@ def export(name: str, tracking_uri: str | None = None, reports: str | Path = "re
     out = claim_report_folder(absolute(reports, workdir) / name)
     remove_stale_temporaries(out, out / FIGURES)
 
-    write_json(out / BEST_CONFIGS, best_configs(ranked[:top_k], previous=out / BEST_CONFIGS))
+    write_json(out / BEST_CONFIGS, best_configs(ranked[:top_k], previous=out / BEST_CONFIGS,
+                                                evaluated=read_evaluations(uri, name)))
     space = space_name(uri, trials)
     searched = {t.run_id: sampled_params(t, space) for t in trials}
     rows = configuration_rows(ranked)
     panels = _copy_panels(rows, uri, out / FIGURES)
     origin = data_origin_of(ranked[0])
     drawn = _draw_figures(rows, trials, space, out / FIGURES, origin)
+    write_optuna_study(out / OPTUNA_STUDY, name, trials, space)
     write_text(out / SUMMARY, summary_markdown(name, trials, rows, searched, panels, origin,
                                                drawn))
     print(f"report of study {name!r} ({len(trials)} trials) written to {out}")
+    if register is not None:
+        _register(uri, ranked[0], register)
     return out
+
+
+def _register(uri: str, best: Trial, model_name: str) -> None:
+    """`--register`: the best trial's checkpoint into the Model Registry; says where it went."""
+    done = register_best(uri, best.run_id, model_name, epoch=best.epoch)
+    how = "logged as" if done.logged else "already logged as"
+    print(f"best trial {best.number} (run {best.run_id}): {how} MLflow model {done.model_uri} "
+          f"(runs:/{best.run_id}/{tracking.MODEL_NAME}); registered as {done.uri}")
 
 
 # ---------------------------------------------------------------------------------------------
 # best_configs.json
 
 
-def best_configs(ranked: list[Trial], previous: Path | None = None) -> list[dict]:
-    """The report's list of best trials; `test` kept from a previous export's evaluation."""
+def best_configs(ranked: list[Trial], previous: Path | None = None,
+                 evaluated: Mapping[str, dict] | None = None) -> list[dict]:
+    """The report's list of best trials; `test` from the study's evaluations in MLflow
+    (`evaluated`), else kept from a previous export's file."""
     tested = {}
     if previous is not None and previous.is_file():
         tested = {item["run_id"]: item.get("test") for item in json.loads(previous.read_text())}
+    tested.update(evaluated or {})
     return [{"run_id": t.run_id, "config": t.config(), "val": t.val,
              "test": tested.get(t.run_id), "checkpoint_uri": checkpoint_uri(t.run_id)}
             for t in ranked]
@@ -170,11 +196,11 @@ def summary_markdown(name: str, trials: list[Trial], rows: list[Row], searched: 
         "",
         "## Best trial of each configuration (validation split)",
         "",
-        f"Validation AUC (one-vs-rest, {protocol}) at each trial's best validation epoch, the "
+        (f"Validation AUC (one-vs-rest, {protocol}) at each trial's best validation epoch, the "
         "epoch its checkpoint holds. The rows marked paper are Watanabe et al. (2022): test "
         "AUCs on their test split of about 100 real radiographs, a different split and, "
         f"{'here, different data' if origin == 'synthetic' else 'perhaps, different data'}. "
-        "`gazetune evaluate` gives this study's test numbers (evaluation.md).",
+        "`gazetune evaluate` gives this study's test numbers (evaluation.md)."),
         "",
         "| model | source | mean (95% CI) | Normal | CHF | pneumonia |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -196,10 +222,10 @@ def summary_markdown(name: str, trials: list[Trial], rows: list[Row], searched: 
     lines += [f"![{caption}](figures/{file})\n" for file, caption in captions.items()
               if file in figures]
     for label, path in panels.items():
-        lines += [f"Heatmap panels of {label}'s best run (validation images by class, "
-                  f"correctly classified ones where it had any): ![{label}]({path})", ""]
-    lines += ["## All trials", "", "In order of start. Score: validation mean AUC at the best "
-              "epoch.", "", "| trial | method | searched parameters | ended | epochs | score |",
+        lines += [(f"Heatmap panels of {label}'s best run (validation images by class, "
+                  f"correctly classified ones where it had any): ![{label}]({path})"), ""]
+    lines += ["## All trials", "", ("In order of start. Score: validation mean AUC at the best "
+              "epoch."), "", "| trial | method | searched parameters | ended | epochs | score |",
               "| --- | --- | --- | --- | --- | --- |"]
     for t in trials:
         params = ", ".join(f"{k}={_short(v)}" for k, v in searched.get(t.run_id, {}).items()
@@ -245,14 +271,8 @@ def importances(trials: list[Trial], space: str) -> tuple[dict[str, float], str]
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
-    for trial in trials:
-        replayed = _replay(trial, space)
-        if trial.state != "COMPLETE" or trial.score is None or not replayed:
-            continue
-        study.add_trial(optuna.trial.create_trial(
-            params={k: v for k, (v, _) in replayed.items()},
-            distributions={k: d for k, (_, d) in replayed.items()},
-            value=trial.score, state=TrialState.COMPLETE))
+    study.add_trials([t for t in optuna_trials(trials, space)
+                      if t.state == TrialState.COMPLETE and t.params])
     done = study.get_trials(states=(TrialState.COMPLETE,))
     if len(done) < MIN_IMPORTANCE_TRIALS or len({t.value for t in done}) < 2:
         return {}, f"{len(done)} completed trial(s): too few to attribute scores"
@@ -270,6 +290,52 @@ def importances(trials: list[Trial], space: str) -> tuple[dict[str, float], str]
         return {}, f"not computable: {err}"
     values = {k: float(v) for k, v in values.items() if math.isfinite(v)}
     return values, f"fANOVA over {len(done)} completed trials"
+
+
+def optuna_trials(trials: list[Trial], space: str) -> list:
+    """The study's trials as Optuna's `FrozenTrial`s, in the order of their numbers: the
+    parameters the space sampled, each epoch's validation AUC, and as the value of a complete
+    trial its best epoch's (the checkpoint's). Trials still running are left out."""
+    import optuna
+    from optuna.trial import TrialState
+
+    frozen = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        if trial.state == "RUNNING":
+            continue
+        replayed = _replay(trial, space)
+        state = TrialState[trial.state]
+        if state == TrialState.COMPLETE and trial.score is None:
+            state = TrialState.FAIL  # no epoch had a defined score
+        frozen.append(optuna.trial.create_trial(
+            params={k: v for k, (v, _) in replayed.items()},
+            distributions={k: d for k, (_, d) in replayed.items()},
+            value=trial.score if state == TrialState.COMPLETE else None,
+            intermediate_values={step: value for step, value in trial.history.items()
+                                 if math.isfinite(value)},
+            user_attrs={"mlflow_run_id": trial.run_id, "trial_number": trial.number,
+                        **({"best_epoch": trial.epoch} if trial.epoch else {})},
+            state=state))
+    return frozen
+
+
+def write_optuna_study(path: Path, name: str, trials: list[Trial], space: str) -> None:
+    """The study as an Optuna storage file (SQLite) that `optuna.load_study` and
+    optuna-dashboard open, written whole under a temporary name and moved into place."""
+    import optuna
+
+    def write(tmp: Path) -> None:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
+        try:
+            study = optuna.create_study(study_name=name, storage=storage,
+                                        direction="maximize")
+            study.set_user_attr("metric", METRIC)
+            study.add_trials(optuna_trials(trials, space))
+        finally:
+            storage.engine.dispose()  # the file is closed before it is moved
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    atomic_write(path, write)
 
 
 def _replay(trial: Trial, space: str) -> dict:

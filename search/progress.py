@@ -3,12 +3,14 @@ and how a trial ended, in words."""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
 
 from ray.tune import Callback
 
+from search.searcher import TRIAL_NUMBER
 from trainable.config import METRIC
 from trainable.loss_sets import LOSS_SETS
 
@@ -37,8 +39,9 @@ def describe(config: dict) -> str:
     if config.get("generator") and method in LOSS_SETS and LOSS_SETS[method].uses_map:
         method += f"/{config['generator']}"
     rest = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in config.items() if k not in ("loss_set", "generator"))
-    return f"{method} {rest}".strip()
+                    for k, v in config.items() if k not in ("loss_set", "generator", TRIAL_NUMBER))
+    number = f"#{config[TRIAL_NUMBER]} " if TRIAL_NUMBER in config else ""
+    return f"{number}{method} {rest}".strip()
 
 
 def say(line: str) -> None:
@@ -47,7 +50,7 @@ def say(line: str) -> None:
 
 def _best_value(trial) -> float | None:
     value = (trial.metric_analysis.get(METRIC) or {}).get("max")
-    return None if value is None or value != value else value  # NaN: no score
+    return None if value is None or math.isnan(value) else value  # NaN: no score
 
 
 class ProgressPrinter(Callback):

@@ -23,7 +23,7 @@ class Trial:
     """One trial of a study as MLflow recorded it, scored at its best validation epoch."""
 
     run_id: str
-    number: int  # 1-based, in order of start
+    number: int  # the study's (Optuna's) trial number, as in the run's name and tag
     status: str  # the run's status: FINISHED, FAILED, RUNNING, KILLED
     pruned: bool  # stopped early by the scheduler (tag `pruned`)
     params: dict  # as logged (strings)
@@ -32,6 +32,7 @@ class Trial:
     val: dict | None  # {name: [auc, lo, hi]} at that epoch, NaN as None
     figures: tuple[str, ...] = field(default=())  # artifact paths under figures/
     parent: str | None = None  # the search's parent run
+    history: dict = field(default_factory=dict)  # {epoch: val/auc/mean}
 
     @property
     def state(self) -> str:
@@ -79,7 +80,9 @@ def read_trials(tracking_uri: str, name: str) -> list[Trial]:
         raise GazetuneError(f"no study {name!r} in the MLflow store {tracking_uri} (the study "
                             f"name is the experiment's name; check --tracking-uri)")
     trials = []
-    for number, run in enumerate(tracking.find_trial_runs(tracking_uri, name), start=1):
+    for order, run in enumerate(tracking.find_trial_runs(tracking_uri, name)):
+        # Runs that carry no number (logged before numbers were) count in order of start.
+        number = int(run.data.tags.get(tracking.NUMBER_TAG, order))
         history = {key: _by_step(client.get_metric_history(run.info.run_id, key))
                    for key in run.data.metrics if key.startswith("val/auc/")}
         epoch = best_epoch(history.get(METRIC, {}))
@@ -95,9 +98,28 @@ def read_trials(tracking_uri: str, name: str) -> list[Trial]:
             run_id=run.info.run_id, number=number, status=run.info.status,
             pruned=run.data.tags.get("pruned") == "true", params=dict(run.data.params),
             epochs=max(history.get(METRIC) or [0]), epoch=epoch, val=val, figures=figures,
-            parent=run.data.tags.get(tracking.PARENT_TAG),
+            parent=run.data.tags.get(tracking.PARENT_TAG), history=history.get(METRIC, {}),
         ))
     return trials
+
+
+def read_evaluations(tracking_uri: str, name: str) -> dict[str, dict]:
+    """{trial's run id: its test scores} from the study's evaluation runs in MLflow (the latest
+    evaluation of each trial), so that a report written anywhere shows them."""
+    client = tracking.client(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string="tags.`gazetune.kind` = 'evaluation' "
+                                            "and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"])
+    return {run.data.tags["evaluates"]: evaluation_scores(run.data.metrics) for run in runs
+            if "evaluates" in run.data.tags}
+
+
+def evaluation_scores(metrics: Mapping[str, float]) -> dict:
+    """{name: [auc, lo, hi]} of an evaluation's `test/auc/...` metrics, NaN as None."""
+    return {n: [finite(metrics.get(f"test/auc/{n}{b}")) for b in ("", "/lo", "/hi")]
+            for n in SCORES}
 
 
 def best_epoch(history: Mapping[int, float]) -> int | None:

@@ -18,21 +18,26 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
+from functools import cache, partial
 from pathlib import Path
 from typing import TypeVar
 
 from trainable.errors import GazetuneError
+from trainable.loss_sets import LOSS_SETS, applies
 
 log = logging.getLogger(__name__)
 
 TRIAL_TAG = "ray.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
+NUMBER_TAG = "trial_number"  # the trial's number in the study (Optuna's), also in its name
+VERSION_TAG = "gazetune.version"
 RETRY_ENV = "GAZETUNE_MLFLOW_RETRY_S"
 DEFAULT_RETRY_S = 300.0
 # MLflow's own HTTP retries (urllib3, up to minutes of backoff per call) would hide the outage
@@ -151,7 +156,7 @@ def start_parent_run(experiment_id: str, settings: Mapping, tracking_uri: str,
     on resume only settings not logged before are added, since MLflow refuses to change a param.
     """
     client = _client(tracking_uri)
-    tags = {"gazetune.role": "search"}
+    tags = {"gazetune.role": "search", **run_tags()}
     if "name" in settings:
         tags["mlflow.runName"] = str(settings["name"])
     if run_id is None:
@@ -221,28 +226,39 @@ class TrialRun:
         experiment_id: the study's experiment.
         parent_run_id: the search's parent run (None for `gazetune train`).
         trial_id: the Ray trial id; the run carries it as tag `ray.trial_id`.
-        config: the trial's config, logged as params (once; a retry adds only new keys).
+        config: the trial's config: the keys that apply to its loss set are logged as params
+            (once; a retry adds only new keys), the whole config as `config.json`.
         tags: more tags, set again on every (re)start (e.g. `ray.node_id`).
+        number: the trial's number in the study (Optuna's), in its name and tag `trial_number`.
+
+    Besides the per-epoch history, each new best epoch is logged as `best/val/auc/...` and
+    `best_epoch`: the run's latest values of these are the epoch its checkpoint holds, which
+    the runs table shows and the reports score.
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str | None,
-                 trial_id: str, config: Mapping, tags: Mapping | None = None):
+                 trial_id: str, config: Mapping, tags: Mapping | None = None,
+                 number: int | None = None):
         self.tracking_uri = tracking_uri
         self.trial_id = trial_id
         self.config = dict(config)
         self._client = _client(tracking_uri)
         self._pending: list = []  # metrics not yet accepted by the store, oldest first
         self._last_step: dict[str, int] = {}  # per key, the last epoch the run holds
-        tags = {k: str(v) for k, v in {**_ray_node_tags(), **(tags or {})}.items()}
+        tags = {k: str(v) for k, v in {**run_tags(), **method_tags(self.config),
+                                       **_ray_node_tags(), **(tags or {})}.items()}
+        if number is not None:
+            tags[NUMBER_TAG] = str(number)
+            tags["mlflow.runName"] = run_name(number, self.config)
         found = self._retry(lambda: find_trial_run(self._client, experiment_id, trial_id),
                             "looking up the trial's run")
         if found is None:
-            run_tags = {TRIAL_TAG: trial_id, **tags}
+            run_tags_ = {TRIAL_TAG: trial_id, **tags}
             if parent_run_id:
-                run_tags[PARENT_TAG] = parent_run_id
-            run_tags.setdefault("mlflow.runName", f"trial-{trial_id}")
+                run_tags_[PARENT_TAG] = parent_run_id
+            run_tags_.setdefault("mlflow.runName", f"trial-{trial_id}")
             self.run_id = self._retry(
-                lambda: self._client.create_run(experiment_id, tags=run_tags).info.run_id,
+                lambda: self._client.create_run(experiment_id, tags=run_tags_).info.run_id,
                 "creating the trial's run")
         else:
             # A retry or a resume: the same run goes on, its history continues.
@@ -251,13 +267,13 @@ class TrialRun:
                         "reopening the trial's run")
             for key in ("pruned", "failure"):
                 if key in found.data.tags:
-                    self._retry(lambda: self._client.delete_tag(self.run_id, key),
+                    self._retry(partial(self._client.delete_tag, self.run_id, key),
                                 f"clearing tag {key}")
             if tags:
                 self._set_tags(tags)
             self._last_step = self._retry(lambda: _last_steps(self._client, found),
                                           "reading the trial's logged epochs")
-        _log_new_params(self._client, self.run_id, flatten(self.config), tracking_uri,
+        _log_new_params(self._client, self.run_id, flatten(applying(self.config)), tracking_uri,
                         retry=self._retry)
         self._retry(lambda: self._client.log_dict(self.run_id, _jsonable(self.config),
                                                   "config.json"),
@@ -272,8 +288,12 @@ class TrialRun:
         # A resumed trial repeats the epochs after its last Tune checkpoint; the run was sent
         # them before the interruption (metrics go to MLflow before Tune), and MLflow would keep
         # both values. The first one stays: the run shows each epoch once.
-        new = {k: v for k, v in report.metrics.items()
-               if report.epoch > self._last_step.get(k, 0)}
+        metrics = dict(report.metrics)
+        if report.is_best:
+            metrics.update({f"best/{k}": v for k, v in report.metrics.items()
+                            if k.startswith("val/auc/")})
+            metrics["best_epoch"] = report.epoch
+        new = {k: v for k, v in metrics.items() if report.epoch > self._last_step.get(k, 0)}
         # The timestamp is fixed here: a batch sent again after a lost reply is then identical.
         self._pending += [Metric(k, float(v), now, report.epoch) for k, v in new.items()]
         self._last_step.update(dict.fromkeys(new, report.epoch))
@@ -285,7 +305,7 @@ class TrialRun:
                                                                "checkpoint"),
                             "uploading the best checkpoint")
             for path in (report.figures or {}).values():
-                self._retry(lambda: self._client.log_artifact(self.run_id, str(path), "figures"),
+                self._retry(partial(self._client.log_artifact, self.run_id, str(path), "figures"),
                             f"uploading figure {Path(path).name}")
 
     def finish(self, status: str = "FINISHED", pruned: bool = False,
@@ -298,7 +318,7 @@ class TrialRun:
     def _flush(self) -> None:
         while self._pending:
             chunk = self._pending[:BATCH]
-            self._retry(lambda: self._client.log_batch(self.run_id, metrics=chunk),
+            self._retry(partial(self._client.log_batch, self.run_id, metrics=chunk),
                         f"logging {len(self._pending)} metric values")
             del self._pending[:len(chunk)]  # only what the store accepted leaves the buffer
 
@@ -358,10 +378,9 @@ def find_trial_runs(tracking_uri: str, experiment_name: str) -> list:
         return []
     runs, token = [], None
     while True:
-        page = _retry(lambda: client.search_runs([experiment.experiment_id],
-                                                 filter_string=f"tags.`{TRIAL_TAG}` != ''",
-                                                 order_by=["attributes.start_time ASC"],
-                                                 page_token=token),
+        page = _retry(partial(client.search_runs, [experiment.experiment_id],
+                              filter_string=f"tags.`{TRIAL_TAG}` != ''",
+                              order_by=["attributes.start_time ASC"], page_token=token),
                       "listing the trials' runs", tracking_uri)
         runs += page
         token = page.token
@@ -438,12 +457,13 @@ class EvaluationRun:
 @contextmanager
 def evaluation_run(tracking_uri: str, experiment_name: str, run_name: str,
                    tags: Mapping[str, str]):
-    """A new run of the study's experiment: FINISHED when the block ends, FAILED with the
-    reason when it raises."""
+    """A new run of the study's experiment (under the search's parent run when `tags` name it
+    as `mlflow.parentRunId`): FINISHED when the block ends, FAILED with the reason when it
+    raises."""
     store = client(tracking_uri)
     experiment = store.get_experiment_by_name(experiment_name)
     run_id = store.create_run(experiment.experiment_id, run_name=run_name,
-                              tags=dict(tags)).info.run_id
+                              tags={**run_tags(), **tags}).info.run_id
     try:
         yield EvaluationRun(store, run_id)
     except BaseException as err:
@@ -572,20 +592,62 @@ def _log_new_params(client, run_id: str, params: Mapping[str, str], tracking_uri
     new = [Param(k, v) for k, v in params.items() if k not in logged]
     for i in range(0, len(new), PARAMS_BATCH):
         chunk = new[i:i + PARAMS_BATCH]
-        retry(lambda: client.log_batch(run_id, params=chunk), "logging params")
+        retry(partial(client.log_batch, run_id, params=chunk), "logging params")
 
 
 def _terminate(client, run_id: str, status: str, pruned: bool, failure: str | None,
                retry) -> None:
     tags = {}
-    if pruned:
-        tags["pruned"] = "true"
+    if status == "FINISHED" and failure is None:
+        tags["pruned"] = "true" if pruned else "false"
     if failure is not None:
         status = "FAILED"
         tags["failure"] = failure[:5000]  # MLflow caps tag values; the head says what failed
     for key, value in tags.items():
-        retry(lambda: client.set_tag(run_id, key, value), f"setting tag {key}")
+        retry(partial(client.set_tag, run_id, key, value), f"setting tag {key}")
     retry(lambda: client.set_terminated(run_id, status), f"ending the run {status}")
+
+
+def applying(config: Mapping) -> dict:
+    """The keys of a trial config that matter to its loss set (`trainable.loss_sets.applies`),
+    without the trial's scratch folder: what a person compares runs by."""
+    loss_set = config.get("loss_set", "baseline")
+    if loss_set not in LOSS_SETS:  # refused by TrialConfig before any run; keep it all here
+        return {k: v for k, v in config.items() if k != "checkpoint_dir"}
+    return {k: v for k, v in config.items() if k != "checkpoint_dir" and applies(k, loss_set)}
+
+
+def method_tags(config: Mapping) -> dict[str, str]:
+    """`loss_set`, and `generator` where the loss set computes a map."""
+    loss_set = str(config.get("loss_set", "baseline"))
+    tags = {"loss_set": loss_set}
+    if loss_set in LOSS_SETS and LOSS_SETS[loss_set].uses_map:
+        tags["generator"] = str(config.get("generator", "guided_backprop"))
+    return tags
+
+
+def run_name(number: int, config: Mapping) -> str:
+    """A trial's run name a person reads: `07 set3 deconvnet`."""
+    return " ".join([f"{number:02d}", *method_tags(config).values()])
+
+
+@cache
+def run_tags() -> dict[str, str]:
+    """What made every run: gazetune's version and, from a git checkout, its commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tags = {VERSION_TAG: version("gazetune")}
+    except PackageNotFoundError:
+        tags = {VERSION_TAG: "unknown"}
+    source = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10, check=True)
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass  # installed from a wheel or without git: the version says what it was
+    return tags
 
 
 def flatten(settings: Mapping, prefix: str = "") -> dict[str, str]:
@@ -622,3 +684,201 @@ def _first_line(err: Exception) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# The best checkpoint as an MLflow Model (`gazetune export --register`, `gazetune predict`)
+#
+# Logged from code (MLflow's models-from-code): the model is `search/mlflow_model.py` plus the
+# checkpoint's three files, so loading it unpickles nothing of ours. It is an MLflow 3 logged
+# model of the trial's run (`runs:/<run_id>/model`, `models:/<model_id>`), created without
+# reopening the run: the run keeps its status and end time.
+
+MODEL_NAME = "model"  # the logged model's name in its trial's run: runs:/<run_id>/model
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+MODEL_CHECKPOINT = "checkpoint"  # the artifact that `search/mlflow_model.py` loads
+# What the model needs to load, pinned to the versions that logged it (`mlflow models serve`
+# builds its environment from them). gazetune itself is not on PyPI: install this repository
+# where the model is loaded.
+MODEL_PACKAGES = ("mlflow", "torch", "segmentation-models-pytorch", "numpy", "pandas")
+
+
+def model_signature(image_size: int):
+    """Images float32 [N, S, S] in, probabilities of Normal, CHF and pneumonia out."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    from trainable.config import CLASS_NAMES
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, image_size, image_size))]),
+        outputs=Schema([ColSpec("double", name) for name in CLASS_NAMES]))
+
+
+def logged_model_uri(tracking_uri: str, run_id: str) -> str | None:
+    """`models:/<model_id>` of the run's complete (READY) logged model `MODEL_NAME`, or None."""
+    found = _logged_model(client(tracking_uri), run_id, ready=True)
+    return None if found is None else f"models:/{found.model_id}"
+
+
+def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str | Path, image_size: int,
+              step: int = 0) -> str:
+    """Log a best checkpoint as an MLflow Model of the trial's run; returns `models:/<id>`.
+
+    Args:
+        tracking_uri: the study's store.
+        run_id: the trial's run; it is not reopened (status and end time stay as they are).
+        checkpoint_dir: model.pt, config.json and metrics.json.
+        image_size: the side S of the images the model takes: its signature, and the model's
+            copy of metrics.json records it (`trainable.inference.Classifier` reads it there).
+        step: the epoch the checkpoint holds (the run's output link records it).
+
+    A model that an interrupted call left PENDING is completed rather than logged twice; every
+    call to the store goes through `_retry`.
+    """
+    import shutil
+    import warnings
+
+    import mlflow.pyfunc
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    store = client(tracking_uri)
+    run = store.get_run(run_id)
+    model = _logged_model(store, run_id, ready=False)
+    if model is None:
+        model = store.create_logged_model(
+            run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+            params=dict(run.data.params), tags={"gazetune.kind": "best_checkpoint"})
+        store.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+    with tempfile.TemporaryDirectory(prefix="gazetune-model-") as scratch:
+        files = Path(scratch) / MODEL_CHECKPOINT
+        files.mkdir()
+        for name in ("model.pt", "config.json", "metrics.json"):
+            shutil.copyfile(Path(checkpoint_dir) / name, files / name)
+        _record_image_size(files / "metrics.json", image_size)
+        local = Path(scratch) / "model"
+        with warnings.catch_warnings():
+            # The signature says what the model takes; an input example would be an image.
+            warnings.filterwarnings("ignore", ".*An input example was not provided")
+            mlflow.pyfunc.save_model(
+                str(local), python_model=str(MODEL_CODE),
+                artifacts={MODEL_CHECKPOINT: str(files)}, signature=model_signature(image_size),
+                pip_requirements=_model_requirements(),
+                metadata={"image_size": image_size, "gazetune.run_id": run_id},
+                mlflow_model=Model(artifact_path=model.artifact_location, run_id=run_id,
+                                   model_uuid=model.model_id, model_id=model.model_id))
+        store.log_model_artifacts(model.model_id, str(local))
+    store.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return f"models:/{model.model_id}"
+
+
+def register_model(tracking_uri: str, model_uri: str, name: str,
+                   run_id: str | None = None) -> str:
+    """Register a logged model (`models:/<model_id>`) as a version of registered model `name`
+    (created on first use); returns the version. A model registered under `name` before keeps
+    its version: registering it again adds none."""
+    from mlflow.exceptions import MlflowException
+
+    store = client(tracking_uri)
+    model_id = model_uri.removeprefix("models:/")
+    try:
+        store.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    for version in store.search_model_versions(f"name = '{name}'"):
+        if version.model_id == model_id or version.source == model_uri:
+            return str(version.version)
+    return str(store.create_model_version(name, source=model_uri, run_id=run_id,
+                                          model_id=model_id).version)
+
+
+def load_model(model_uri: str, tracking_uri: str | None = None):
+    """`mlflow.pyfunc.load_model(model_uri)` with the bounded retries.
+
+    Args:
+        model_uri: `models:/NAME/VERSION`, `models:/<model_id>`, `runs:/<run_id>/model`, or the
+            folder of a downloaded model.
+        tracking_uri: the store (and registry) that `models:/` and `runs:/` URIs refer to.
+
+    Raises:
+        TrackingError: no model there, or the store unreachable; one line naming the URI.
+    """
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    local = "://" not in model_uri and not model_uri.startswith(("models:", "runs:"))
+    if local and not (Path(model_uri) / "MLmodel").is_file():
+        raise TrackingError(f"model {model_uri}: no MLflow model there (a folder holding MLmodel "
+                            f"is expected, or a models:/ or runs:/ URI)")
+    for key, value in CLIENT_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    where = f" at {tracking_uri}" if tracking_uri else ""
+    try:
+        with _store_environment(tracking_uri):
+            return _retry(lambda: mlflow.pyfunc.load_model(model_uri),
+                          f"loading model {model_uri}", tracking_uri or model_uri)
+    except MlflowException as err:
+        raise TrackingError(f"model {model_uri}{where}: {_first_line(err)}") from None
+
+
+@contextmanager
+def _store_environment(tracking_uri: str | None):
+    """MLflow's store and registry for the fluent calls of the block (`models:/` URIs resolve
+    through the registry of the process, not through a client): set in the environment and
+    restored after it, so that nothing outlives the call."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {key: os.environ.get(key) for key in keys}
+    if tracking_uri is not None:
+        os.environ.update(dict.fromkeys(keys, tracking_uri))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _logged_model(store, run_id: str, ready: bool):
+    """The run's logged model `MODEL_NAME`: READY (`ready`) or PENDING, newest first; None."""
+    from mlflow.entities import LoggedModelStatus
+
+    experiment_id = store.get_run(run_id).info.experiment_id
+    wanted = LoggedModelStatus.READY if ready else LoggedModelStatus.PENDING
+    found, token = [], None
+    while True:
+        page = store.search_logged_models(experiment_ids=[experiment_id],
+                                          filter_string=f"name = '{MODEL_NAME}'",
+                                          page_token=token)
+        found += [m for m in page if m.source_run_id == run_id and m.status == wanted]
+        token = page.token
+        if not token:
+            break
+    return max(found, key=lambda m: m.creation_timestamp, default=None)
+
+
+def _record_image_size(metrics_json: Path, image_size: int) -> None:
+    """metrics.json with `image_size` (a checkpoint from before training recorded it)."""
+    metrics = json.loads(metrics_json.read_text())
+    recorded = metrics.setdefault("image_size", image_size)
+    if recorded != image_size:
+        raise GazetuneError(f"{metrics_json}: the checkpoint records image size {recorded}, "
+                            f"not {image_size}")
+    metrics_json.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def _model_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in MODEL_PACKAGES:
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins

@@ -25,6 +25,7 @@ from ray.tune import Callback, Checkpoint
 
 from search import storage, tracking
 from search.progress import failure_reason, stopped_early
+from search.searcher import TRIAL_NUMBER
 from search.settings import SETTINGS_FILE, SearchSettings
 from trainable.config import TrialConfig
 from trainable.errors import DivergedError
@@ -63,11 +64,11 @@ class TrialSetup:
         )
 
     def trial_config(self, sampled: dict, checkpoint_dir: Path) -> dict:
-        """The `trainable.config.TrialConfig` dict of one trial."""
+        """The `trainable.config.TrialConfig` dict of one trial (`sampled`: Tune's config)."""
         return {
             "threads": self.threads,
             **self.fixed,
-            **sampled,
+            **{k: v for k, v in sampled.items() if k != TRIAL_NUMBER},
             "cache": self.cache,
             "epochs": self.epochs,
             "gpu_memory_fraction": self.gpu_fraction,
@@ -106,7 +107,7 @@ def trial_fn(config: dict, setup: TrialSetup, train: Callable | None = None) -> 
     trial_config = TrialConfig.from_dict(setup.trial_config(config, state)).to_dict()
     os.environ.update(setup.credentials)
     run = tracking.TrialRun(setup.tracking_uri, setup.experiment_id, setup.parent_run_id,
-                            trial_id, trial_config)
+                            trial_id, trial_config, number=config.get(TRIAL_NUMBER))
     # Ray logs a line per persisted checkpoint (each epoch); the trial's run says it already.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 

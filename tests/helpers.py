@@ -193,11 +193,14 @@ STUDY_TRIALS = [
 
 
 def study_in_mlflow(cache: Path, tracking_uri: str, scratch: Path, name: str = STUDY,
-                    trials=STUDY_TRIALS) -> dict[str, Path]:
+                    trials=STUDY_TRIALS, calibrated: bool = False) -> dict[str, Path]:
     """Log `trials` into study `name` the way a search does; {run id: checkpoint folder}.
 
     Each best epoch saves that epoch's weights (a model initialised with the epoch as seed)
     and a heatmap-panel figure, which `TrialRun.log_epoch` uploads like a training's.
+    `calibrated`: BatchNorm statistics set on the training images first, as training starts
+    (`calibrate_batchnorm`), so that eval-mode outputs differ between images (a fresh network's
+    are nearly constant) and test AUCs say something.
     """
     from search import tracking
     from trainable import checkpoint
@@ -217,7 +220,8 @@ def study_in_mlflow(cache: Path, tracking_uri: str, scratch: Path, name: str = S
         folder = scratch / f"trial{i}"
         cfg = TrialConfig.from_dict({**QUICK, "epochs": 3, **overrides, "cache": str(cache),
                                      "checkpoint_dir": str(folder)})
-        run = tracking.TrialRun(tracking_uri, experiment_id, parent, f"t{i}", cfg.to_dict())
+        run = tracking.TrialRun(tracking_uri, experiment_id, parent, f"t{i}", cfg.to_dict(),
+                                number=i)
         best = -math.inf
         for epoch, auc in enumerate(history, start=1):
             metrics = {"train/loss": 1.0 / epoch, **epoch_aucs(auc)}
@@ -225,7 +229,10 @@ def study_in_mlflow(cache: Path, tracking_uri: str, scratch: Path, name: str = S
             if is_best:
                 best = auc
                 torch.manual_seed(epoch)
-                checkpoint.save_best(folder, build_model(cfg).state_dict(), cfg.to_dict(),
+                model = build_model(cfg)
+                if calibrated:
+                    _calibrate(model, cache, cfg.batch_size)
+                checkpoint.save_best(folder, model.state_dict(), cfg.to_dict(),
                                      {**metrics, "epoch": epoch,
                                       "cache_input_hash": input_hash(cache)})
                 drawn = folder / "figures" / f"val_{cfg.generator}.png"
@@ -236,6 +243,15 @@ def study_in_mlflow(cache: Path, tracking_uri: str, scratch: Path, name: str = S
         run.finish(pruned=pruned)
         checkpoints[run.run_id] = folder
     return checkpoints
+
+
+def _calibrate(model, cache: Path, batch_size: int) -> None:
+    """As training starts: on (up to) the first 32 training images."""
+    from trainable.model import calibrate_batchnorm
+
+    data = np.load(cache / "dataset.npz")
+    train = data["images"][data["split"] == 0][:32].astype(np.float32)
+    calibrate_batchnorm(model, torch.from_numpy(train).unsqueeze(1).split(batch_size))
 
 
 def epoch_aucs(mean: float) -> dict[str, float]:

@@ -43,7 +43,7 @@ def evaluated(small_cache, mlflow_server, tmp_path_factory):
 
 
 def test_evaluation_json_shape(evaluated, small_cache):
-    workdir, uri, result, checkpoints = evaluated
+    workdir, _uri, result, checkpoints = evaluated
     report = workdir / "reports" / STUDY
     saved = json.loads((report / EVALUATION_JSON).read_text())
     assert saved == result
@@ -150,7 +150,7 @@ def test_evaluate_refuses_a_cache_of_other_data(evaluated, tmp_path):
     synthesize(tmp_path / "other", n_images=60, seed=3, verbose=False)
     prepare(tmp_path / "other" / "egd-cxr", tmp_path / "other" / "mimic-cxr",
             tmp_path / "other-cache", size=64, workers=1, sigma=20.0)
-    with pytest.raises(GazetuneError, match="not the cache trial 1 trained on"):
+    with pytest.raises(GazetuneError, match="not the cache trial 0 trained on"):
         evaluate_study(STUDY, cache=tmp_path / "other-cache", tracking_uri=uri,
                        workdir=workdir)
     assert report.read_bytes() == before

@@ -7,6 +7,7 @@ after the search has given up (the search stops with a message naming the server
 `gazetune resume` completes it). `tests/test_tracking.py` shows the same for one `TrialRun`.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ from mlflow_server import MlflowServer
 
 from search import tracking
 from search.settings import SearchSettings
+from trainable.loss_sets import LOSS_SETS
 
 SAMPLES, EPOCHS = 3, 3
 # Longer than an epoch of these trials (5-15 s on the shared 2-core machine), far shorter than
@@ -78,6 +80,33 @@ def assert_study_complete(server: MlflowServer, cwd, name: str) -> None:
     assert best in {run.info.run_id for run, _ in runs.values()}
     assert parent.data.metrics["best/val/auc/mean"] == max(
         m.value for m in MlflowClient(server.uri).get_metric_history(best, "val/auc/mean"))
+    assert_runs_tell_the_truth(server.uri, [run for run, _ in runs.values()])
+
+
+def assert_runs_tell_the_truth(uri: str, runs: list) -> None:
+    """What a person sees of each trial in MLflow: its number and method in its name and tags,
+    only the params that apply, and the best epoch's scores as the run's best/* metrics."""
+    client = MlflowClient(uri)
+    assert sorted(int(run.data.tags["trial_number"]) for run in runs) == list(range(len(runs)))
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        loss_set = tags["loss_set"]
+        uses_map = LOSS_SETS[loss_set].uses_map
+        assert run.info.run_name == " ".join(
+            [f"{int(tags['trial_number']):02d}", loss_set]
+            + ([tags["generator"]] if uses_map else []))
+        assert ("generator" in tags) == ("generator" in params) == uses_map
+        assert ("r" in params) == (loss_set == "set3") and "checkpoint_dir" not in params
+        assert tags["pruned"] in ("true", "false") and tags["gazetune.version"]
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id,
+                                                                      "val/auc/mean")}
+        best = max(history.values())
+        assert run.data.metrics["best/val/auc/mean"] == best
+        assert run.data.metrics["best_epoch"] == min(e for e, v in history.items() if v == best)
+        for key in ("best/val/auc/CHF/lo", "best/val/auc/pneumonia/hi"):
+            epoch_values = {m.step: m.value for m in client.get_metric_history(
+                run.info.run_id, key.removeprefix("best/"))}
+            assert run.data.metrics[key] == epoch_values[run.data.metrics["best_epoch"]]
 
 
 @pytest.fixture
@@ -109,6 +138,21 @@ def test_a_short_outage_costs_time_but_no_metric(workdir):
         assert re.search(r"failed while logging \d+ metric values", output), \
             "no epoch ended during the outage: the test did not test it"
         assert_study_complete(server, workdir, "blip")
+
+        # export and evaluate ride out a short outage too (their reads are retried).
+        for command in (["export", "blip"], ["evaluate", "blip"]):
+            server.stop()
+            reader = subprocess.Popen(
+                [sys.executable, "-m", "search", *command, "--tracking-uri", server.uri],
+                cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env={**os.environ, tracking.RETRY_ENV: "120"})
+            time.sleep(8)
+            server.start()
+            out, _ = reader.communicate(timeout=600)
+            assert reader.returncode == 0, out
+            assert "retrying" in out, "the command never met the outage:\n" + out
+        report = json.loads((workdir / "reports" / "blip" / "evaluation.json").read_text())
+        assert report["test"]["mean"][0] is not None
 
 
 @pytest.mark.slow  # a search stopped by the outage, then resumed: ~3-5 min on 2 cores

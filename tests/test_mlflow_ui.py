@@ -105,8 +105,8 @@ def test_artifacts_and_a_figure_are_served(ui, tmp_path):
     _, dom = page_text(f"{page}/{figure}")
     assert f'alt="{figure}" src="blob:' in dom  # the image came from the server and rendered
     shot = tmp_path / "mlflow-ui.png"
-    subprocess.run([*BROWSER, "--window-size=1600,1000", f"--screenshot={shot}", f"{page}/"
-                    f"{figure}"], capture_output=True, timeout=300, check=True)
+    subprocess.run([*BROWSER, "--window-size=1600,1000", f"--screenshot={shot}", (f"{page}/"
+                    f"{figure}")], capture_output=True, timeout=300, check=True)
     with Image.open(shot) as image:
         assert image.size == (1600, 1000)
         # The heatmap panels' colours, not an empty page.

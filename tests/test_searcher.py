@@ -32,6 +32,11 @@ def run(searcher, trial_id, values, reported_last=True):
     return config
 
 
+def sampled(config: dict) -> dict:
+    """A suggested config without the trial's number (which is not a sampled parameter)."""
+    return {k: v for k, v in config.items() if k != "trial_number"}
+
+
 def states(study):
     return [(t.state, t.value, t.intermediate_values) for t in study.trials]
 
@@ -46,6 +51,15 @@ def test_stopped_early_is_pruned_and_full_budget_is_complete():
         (TrialState.PRUNED, 0.5, {1: 0.55, 2: 0.5}),
         (TrialState.PRUNED, 0.65, {1: 0.65}),
     ]
+
+
+def test_a_complete_trial_is_worth_its_best_epoch_and_carries_its_number():
+    searcher = make_searcher(max_t=3)
+    first = run(searcher, "peaks-early", [0.6, 0.9, 0.8], reported_last=False)
+    second = run(searcher, "nan", [float("nan")] * 3, reported_last=False)
+    assert states(searcher.study)[0][:2] == (TrialState.COMPLETE, 0.9)  # the checkpoint's epoch
+    assert searcher.study.trials[1].state == TrialState.FAIL  # no epoch had a score
+    assert (first["trial_number"], second["trial_number"]) == (0, 1)
 
 
 def test_plain_optuna_search_would_have_called_it_complete():
@@ -87,7 +101,7 @@ def test_state_survives_pickling_like_tune_saves_it(tmp_path):
     restored.on_trial_result("b", {METRIC: 0.7, "training_iteration": 1})
     restored.on_trial_complete("b", result={METRIC: 0.75, "training_iteration": 2})
     assert [t.state for t in restored.study.trials] == [TrialState.PRUNED, TrialState.PRUNED]
-    assert restored.study.trials[1].params == pending
+    assert restored.study.trials[1].params == sampled(pending)
     assert [t.state for t in load_study(tmp_path).trials] == [TrialState.PRUNED,
                                                               TrialState.RUNNING]
     pickle.dumps(restored)
@@ -96,7 +110,7 @@ def test_state_survives_pickling_like_tune_saves_it(tmp_path):
 def test_paper_points_come_first_and_then_tpe_samples():
     searcher = make_searcher(points_to_evaluate=PAPER_POINTS)
     configs = [searcher.suggest(f"t{i}") for i in range(len(PAPER_POINTS) + 2)]
-    assert configs[: len(PAPER_POINTS)] == PAPER_POINTS
+    assert [sampled(c) for c in configs[: len(PAPER_POINTS)]] == PAPER_POINTS
     assert all(c["loss_set"] in ("classifier", "baseline", "set1", "set2", "set3")
                for c in configs[len(PAPER_POINTS):])
 

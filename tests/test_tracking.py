@@ -98,8 +98,33 @@ def test_a_retried_trial_continues_its_one_run(store, tmp_path):
     assert history(uri, first.run_id, "val/auc/CHF/hi") == [1, 2, 3, 4]
     chf = MlflowClient(uri).get_metric_history(first.run_id, "val/auc/CHF")
     assert [m.value for m in sorted(chf, key=lambda m: m.step)] == [0.6, 0.7, 0.4, 0.4]
-    params = MlflowClient(uri).get_run(first.run_id).data.params
-    assert params == {k: str(v) for k, v in {**CONFIG, "checkpoint_dir": "/x"}.items()}
+    run = MlflowClient(uri).get_run(first.run_id)
+    # Params: the keys that apply to the loss set, never the trial's scratch folder.
+    assert run.data.params == {k: str(v) for k, v in CONFIG.items()}
+    # The best epoch (2, the last is_best) as the run's latest best/* values: what the runs
+    # table shows and the report scores.
+    assert run.data.metrics["best_epoch"] == 2
+    assert run.data.metrics["best/val/auc/CHF"] == 0.7
+    assert run.data.metrics["best/val/auc/mean/lo"] == pytest.approx(0.7)
+    assert run.data.tags["pruned"] == "false"
+    assert run.data.tags["loss_set"] == "set3" and run.data.tags["generator"] == "guided_backprop"
+    assert run.data.tags["gazetune.version"]
+
+
+def test_a_trial_run_is_named_and_tagged_for_a_person(store):
+    uri, experiment_id, parent = store
+    config = {"loss_set": "classifier", "generator": "deconvnet", "r": 0.9, "lr": 1e-3,
+              "checkpoint_dir": "/scratch"}
+    run = TrialRun(uri, experiment_id, parent, "named_1", config, number=7)
+    run.finish(pruned=True)
+    got = MlflowClient(uri).get_run(run.run_id)
+    assert got.info.run_name == "07 classifier"
+    assert got.data.tags["trial_number"] == "7" and got.data.tags["pruned"] == "true"
+    assert "generator" not in got.data.tags  # a classifier computes no map
+    assert set(got.data.params) == {"loss_set", "lr"}  # no generator, r or scratch path
+    set3 = TrialRun(uri, experiment_id, parent, "named_2", {**config, "loss_set": "set3"},
+                    number=12)
+    assert MlflowClient(uri).get_run(set3.run_id).info.run_name == "12 set3 deconvnet"
 
 
 def test_finished_pruned_and_failed_runs(store):
@@ -201,8 +226,8 @@ def test_train_logged_records_one_finished_run(small_cache, tmp_path, monkeypatc
     """`gazetune train`: one run, no Ray, logged like a trial; a bad config ends it FAILED."""
     monkeypatch.chdir(tmp_path)
     shutil.copy(template_db, tmp_path / "mlflow.db")  # the embedded default, ./mlflow.db
-    config = dict(cache=str(small_cache), loss_set="classifier", epochs=2, batch_size=8,
-                  n_boot=100, figures=1, threads=2)
+    config = {"cache": str(small_cache), "loss_set": "classifier", "epochs": 2, "batch_size": 8,
+                  "n_boot": 100, "figures": 1, "threads": 2}
     tracking.train_logged(config, experiment="one-off", tracking_uri=None)
     with pytest.raises(ConfigError, match="schedule"):
         tracking.train_logged({**config, "schedule": "warp"}, experiment="one-off",

@@ -35,7 +35,9 @@ def load_torch(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise GazetuneError(f"checkpoint file {path} does not exist") from None
-    except Exception as err:
+    # torch.load of a damaged file raises whatever its reader met (zip, unpickling, storage
+    # errors): each is one line naming the file.
+    except Exception as err:  # noqa: BLE001
         raise GazetuneError(f"checkpoint file {path} cannot be read: {err}") from None
 
 
@@ -51,21 +53,27 @@ def save_best(folder: Path, model_state: dict, config: dict, metrics: dict) -> N
     })
 
 
+# Where an MLflow model of the best checkpoint (`gazetune export --register`) keeps its files.
+MODEL_CHECKPOINT = "artifacts/checkpoint"
+
+
 def load_best(folder: Path) -> tuple[dict, dict, dict]:
     """(model state dict, config dict, metrics dict) of a checkpoint's best epoch.
 
-    `folder` is a trial's checkpoint folder (holding `best/`) or the best files' own folder,
-    e.g. the `checkpoint/` artifact downloaded from MLflow.
+    `folder` is a trial's checkpoint folder (holding `best/`), the best files' own folder, e.g.
+    the `checkpoint/` artifact downloaded from MLflow, or a downloaded MLflow model of the best
+    checkpoint (holding `artifacts/checkpoint/`, e.g. `mlflow.artifacts.download_artifacts(
+    "models:/NAME/1")`).
 
     Raises:
         GazetuneError: no complete best checkpoint there, or a file that cannot be read; the
             message names it.
     """
     folder = Path(folder)
-    best = folder / "best" if (folder / "best").is_dir() else folder
+    best = next((f for f in (folder / "best", folder / MODEL_CHECKPOINT) if f.is_dir()), folder)
     if not all((best / name).is_file() for name in ("model.pt", "config.json", "metrics.json")):
         raise GazetuneError(f"{folder} holds no complete best checkpoint (model.pt, config.json "
-                            f"and metrics.json, or a best/ folder of them)")
+                            f"and metrics.json, or a best/ or {MODEL_CHECKPOINT}/ folder of them)")
     documents = []
     for name in ("config.json", "metrics.json"):
         try:

@@ -3,8 +3,9 @@
 Metrics leave through one hook, `report(EpochReport)`, called after every epoch; the search
 service turns it into MLflow logging and `tune.report`, and without a hook the metrics are
 printed. Model selection uses the validation split only; the test split is never touched here.
-Also the pieces that evaluation reuses: the cache on the device (`DeviceData`), `predict`,
-`explain`, `evaluate`, and the device a config asks for (`choose_device`).
+Also the pieces that evaluation and the logged model reuse: the cache on the device
+(`DeviceData`), `predict` (`predict_batches`), `explain` (`explain_batches`), `evaluate`, and the
+device a config asks for (`choose_device`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,10 +155,12 @@ def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -
             # NaN (a class missing from validation) must not block every later epoch.
             best_auc = metrics[METRIC] if math.isfinite(metrics[METRIC]) else -math.inf
             best_epoch = epoch + 1
-            # The cache's input hash lets `gazetune evaluate --cache` refuse other data.
+            # The cache's input hash lets `gazetune evaluate --cache` refuse other data; the
+            # image size is the input size of the model that `trainable.inference` rebuilds.
             checkpoint.save_best(ckdir, _cpu_state(model), cfg.to_dict(),
                                  {**metrics, "epoch": epoch + 1,
-                                  "cache_input_hash": cache.manifest.get("input_hash")})
+                                  "cache_input_hash": cache.manifest.get("input_hash"),
+                                  "image_size": int(cache.images.shape[-1])})
             if cfg.figures:
                 figures = draw_figures(model, data, cfg, ckdir / "figures")
         metrics["epoch_seconds"] = time.perf_counter() - t0
@@ -256,12 +259,23 @@ def train_one_epoch(model, data: DeviceData, optimizer, cfg: TrialConfig, gen, e
 
 def predict(model, data: DeviceData, idx: np.ndarray, cfg: TrialConfig):
     """(class probabilities [n, 3], mask probabilities [n, S, S] or None), eval mode."""
+    device = data.images.device
+    batches = (data.images[torch.as_tensor(idx[start : start + cfg.batch_size], device=device)]
+               for start in range(0, len(idx), cfg.batch_size))
+    return predict_batches(model, batches, cfg, device)
+
+
+def predict_batches(model, batches: Iterable[torch.Tensor], cfg: TrialConfig,
+                    device: torch.device):
+    """`predict` of image batches ([b, 1, S, S] on `device`, the model's): the one inference of
+    the project. Validation, `gazetune evaluate` and the logged MLflow model
+    (`trainable.inference`) all run it, so their probabilities agree: independent sigmoids of
+    the logits (one-vs-rest, as the AUCs score them)."""
     model.eval()
     probs, masks = [], []
-    with torch.no_grad(), _autocast(cfg, data.images.device):
-        for start in range(0, len(idx), cfg.batch_size):
-            b = torch.as_tensor(idx[start : start + cfg.batch_size], device=data.images.device)
-            mask, logits = split_outputs(model(data.images[b]))
+    with torch.no_grad(), _autocast(cfg, device):
+        for x in batches:
+            mask, logits = split_outputs(model(x))
             probs.append(torch.sigmoid(logits.float()).cpu())
             if mask is not None:
                 masks.append(torch.sigmoid(mask.float())[:, 0].cpu())
@@ -272,23 +286,37 @@ def predict(model, data: DeviceData, idx: np.ndarray, cfg: TrialConfig):
 def explain(model, data: DeviceData, idx: np.ndarray, cfg: TrialConfig, method: str | None = None,
             target: np.ndarray | None = None) -> np.ndarray:
     """|saliency| summed over channels [n, S, S] for the true class (or `target`)."""
+    device = data.images.device
+
+    def batches():
+        for start in range(0, len(idx), cfg.batch_size):
+            b = torch.as_tensor(idx[start : start + cfg.batch_size], device=device)
+            t = (data.labels[b].argmax(1) if target is None
+                 else torch.as_tensor(target[start : start + cfg.batch_size], device=device))
+            yield data.images[b], t
+
+    maps = explain_batches(model, batches(), cfg, device, method)
+    return maps if len(maps) else np.zeros((0,) + data.images.shape[2:], np.float32)
+
+
+def explain_batches(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    cfg: TrialConfig, device: torch.device,
+                    method: str | None = None) -> np.ndarray:
+    """`explain` of (images [b, 1, S, S], target class [b]) batches on `device`: |saliency of
+    `method` (default: the config's generator)| summed over channels, [n, S, S]."""
     from trainable.generators import saliency
 
     was_training = model.training
     model.eval()
     maps = []
     try:
-        for start in range(0, len(idx), cfg.batch_size):
-            sel = idx[start : start + cfg.batch_size]
-            b = torch.as_tensor(sel, device=data.images.device)
-            t = (data.labels[b].argmax(1) if target is None
-                 else torch.as_tensor(target[start : start + cfg.batch_size], device=b.device))
-            with _autocast(cfg, b.device):
-                s = saliency(model, data.images[b], t, method or cfg.generator)
+        for x, t in batches:
+            with _autocast(cfg, device):
+                s = saliency(model, x, t, method or cfg.generator)
             maps.append(s.detach().float().abs().sum(1).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(maps).numpy() if maps else np.zeros((0,) + data.images.shape[2:], np.float32)
+    return torch.cat(maps).numpy() if maps else np.zeros((0, 0, 0), np.float32)
 
 
 def evaluate(model, data: DeviceData, idx: np.ndarray, cfg: TrialConfig, prefix: str):

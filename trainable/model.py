@@ -61,9 +61,12 @@ class WithInputTransform(nn.Module):
         return self.net(self.transform(x))
 
 
-def build_model(cfg: TrialConfig) -> nn.Module:
+def build_model(cfg: TrialConfig, load_encoder_weights: bool = True) -> nn.Module:
     """The trial's model: `model(x)` → `(mask_logits, class_logits)`, or logits for a loss set
     without a decoder (`classifier`).
+
+    `load_encoder_weights=False` builds the same network without reading `cfg.encoder_weights`
+    (a checkpoint's state dict replaces them anyway, and the file may be on another machine).
 
     Shape:
         x: [B, 1, H, W] with H, W multiples of 32; mask_logits [B, 1, H, W]; logits [B, 3].
@@ -77,11 +80,12 @@ def build_model(cfg: TrialConfig) -> nn.Module:
             encoder_weights=None,
             in_channels=3 if pretrained else 1,
             classes=1,
-            aux_params=dict(classes=3, pooling="avg", dropout=cfg.dropout, activation=None),
+            aux_params={"classes": 3, "pooling": "avg", "dropout": cfg.dropout,
+                        "activation": None},
         )
     except (KeyError, ValueError) as err:
         raise GazetuneError(f"config key 'encoder' = {cfg.encoder!r}: {err}") from None
-    if pretrained:
+    if pretrained and load_encoder_weights:
         _load_encoder_weights(unet.encoder, Path(cfg.encoder_weights))
     # EfficientNet's BatchNorm momentum is 0.01 (TensorFlow's 0.99 decay): after the few hundred
     # steps of a short trial the running statistics are still mostly their initial values, and
@@ -105,8 +109,9 @@ def _load_encoder_weights(encoder: nn.Module, path: Path) -> None:
         raise GazetuneError(f"config key 'encoder_weights': no such file {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise GazetuneError(f"encoder weights {path}: cannot be read as a state dict ({err})") from None
+    except Exception as err:  # noqa: BLE001  (any reader error: one line naming the file)
+        raise GazetuneError(f"encoder weights {path}: cannot be read as a state dict "
+                            f"({err})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -237,7 +237,8 @@ def load_cache(path: str | Path) -> Cache:
     try:
         data = np.load(path / DATASET, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):  # e.g. a .npy renamed
-            raise ValueError("a single array, not an npz archive")
+            raise ValueError("a single array, not an npz archive")  # noqa: TRY004  (a file
+            # that is not what it should be: refused below like every unreadable cache)
         with data:
             arrays = {name: data[name] for name in (*ARRAYS, "input_hash")}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
@@ -292,6 +293,15 @@ def _check_arrays(where: Path, arrays: dict[str, np.ndarray]) -> None:
 def input_hash(path: str | Path) -> str | None:
     """The hash of everything a cache was prepared from (images, labels, split, parameters)."""
     return _read_manifest(Path(path)).get("input_hash")
+
+
+def prepared_size(path: str | Path) -> int | None:
+    """The image size a cache was prepared at (`prepare --size`); None if unknown."""
+    try:
+        size = (_read_manifest(Path(path)).get("params") or {}).get("size")
+    except CacheError:
+        return None
+    return size if isinstance(size, int) else None
 
 
 def data_origin(path: str | Path) -> str:
@@ -350,12 +360,31 @@ def build_entry(record: ImageRecord, size: int, sigma: float, target: Path) -> s
                 f"({len(record.points)} beyond its edges)")
     out = (size, size)
     arrays = {
-        "image": _resize(image, out).astype(np.float16),
+        "image": model_input(image, size),
         "heatmap": static_heatmap(points, image.shape, sigma, out).astype(np.float16),
         "fixations": fixation_map(points, image.shape, out),
     }
     atomic_write(target, opened(lambda f: np.savez(f, **arrays)))
     return None
+
+
+def model_input(image: np.ndarray, size: int) -> np.ndarray:
+    """A decoded radiograph (`read_dicom`) as the cache stores it and a model takes it.
+
+    Shape:
+        [H, W] in [0, 1] -> [size, size] float16 in [0, 1] (resized without keeping the aspect
+        ratio, like the reference).
+    """
+    return _resize(image, (size, size)).astype(np.float16)
+
+
+def read_model_input(path: str | Path, size: int) -> np.ndarray:
+    """One DICOM decoded and resized exactly as `prepare` does it (`gazetune predict`).
+
+    Raises:
+        DataError: the file cannot be decoded (see `read_dicom`); the message names it.
+    """
+    return model_input(read_dicom(path), size)
 
 
 def _plan(release: Release, entries: Path, params: dict) -> tuple[list, list[Skip]]:
