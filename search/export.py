@@ -57,7 +57,7 @@ from search.study import (
 )
 from trainable.config import METRIC, ConfigError
 from trainable.errors import GazetuneError
-from trainable.files import atomic_write, remove_stale_temporaries
+from trainable.files import remove_stale_temporaries
 
 DEFAULT_TOP_K = 10
 MIN_IMPORTANCE_TRIALS = 3  # fANOVA runs with 2, but 2 scores say nothing about 4 parameters
@@ -307,7 +307,7 @@ def optuna_trials(trials: list[Trial], space: str) -> list:
         state = TrialState[trial.state]
         if state == TrialState.COMPLETE and trial.score is None:
             state = TrialState.FAIL  # no epoch had a defined score
-        frozen.append(optuna.trial.create_trial(
+        frozen.append(_timed(optuna.trial.create_trial(
             params={k: v for k, (v, _) in replayed.items()},
             distributions={k: d for k, (_, d) in replayed.items()},
             value=trial.score if state == TrialState.COMPLETE else None,
@@ -315,27 +315,39 @@ def optuna_trials(trials: list[Trial], space: str) -> list:
                                  if math.isfinite(value)},
             user_attrs={"mlflow_run_id": trial.run_id, "trial_number": trial.number,
                         **({"best_epoch": trial.epoch} if trial.epoch else {})},
-            state=state))
+            state=state), trial))
+    return frozen
+
+
+def _timed(frozen, trial: Trial):
+    """The Optuna trial with its run's start and end (not the export's clock: an export written
+    again from the same runs is the same file)."""
+    from datetime import datetime
+
+    if trial.started and trial.ended:  # else Optuna's own (a run that never ended)
+        frozen.datetime_start = datetime.fromtimestamp(trial.started / 1000)
+        frozen.datetime_complete = datetime.fromtimestamp(trial.ended / 1000)
     return frozen
 
 
 def write_optuna_study(path: Path, name: str, trials: list[Trial], space: str) -> None:
     """The study as an Optuna storage file (SQLite) that `optuna.load_study` and
-    optuna-dashboard open, written whole under a temporary name and moved into place."""
+    optuna-dashboard open. Built in a scratch folder (SQLite keeps a journal beside the file
+    while it writes), then written into the report in one step."""
     import optuna
 
-    def write(tmp: Path) -> None:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="gazetune-optuna-") as scratch:
+        db = Path(scratch) / OPTUNA_STUDY
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
         try:
             study = optuna.create_study(study_name=name, storage=storage,
                                         direction="maximize")
             study.set_user_attr("metric", METRIC)
             study.add_trials(optuna_trials(trials, space))
         finally:
-            storage.engine.dispose()  # the file is closed before it is moved
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    atomic_write(path, write)
+            storage.engine.dispose()  # the file is closed before it is read
+        write_bytes(path, db.read_bytes())
 
 
 def _replay(trial: Trial, space: str) -> dict:

@@ -33,6 +33,8 @@ class Trial:
     figures: tuple[str, ...] = field(default=())  # artifact paths under figures/
     parent: str | None = None  # the search's parent run
     history: dict = field(default_factory=dict)  # {epoch: val/auc/mean}
+    started: int | None = None  # the run's start and end, ms since the epoch
+    ended: int | None = None
 
     @property
     def state(self) -> str:
@@ -99,6 +101,7 @@ def read_trials(tracking_uri: str, name: str) -> list[Trial]:
             pruned=run.data.tags.get("pruned") == "true", params=dict(run.data.params),
             epochs=max(history.get(METRIC) or [0]), epoch=epoch, val=val, figures=figures,
             parent=run.data.tags.get(tracking.PARENT_TAG), history=history.get(METRIC, {}),
+            started=run.info.start_time, ended=run.info.end_time,
         ))
     return trials
 

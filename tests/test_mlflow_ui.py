@@ -73,12 +73,18 @@ class _Text(HTMLParser):
             self.parts.append(data)
 
 
-def test_the_runs_list_shows_the_search_and_the_evaluation(ui):
-    base, _, parent, _ = ui
+def test_the_runs_list_shows_the_search_and_the_evaluation_under_it(ui):
+    base, client, parent, _ = ui
     text, _ = page_text(f"{base}/#/experiments/{parent.info.experiment_id}/runs")
-    assert STUDY in text  # the search's parent run, its trials folded under it
-    assert "evaluation of trial" in text
+    assert STUDY in text  # the search's parent run, its trials and evaluation folded under it
     assert "5 matching runs" in text  # parent, three trials, one evaluation
+    [evaluation] = client.search_runs([parent.info.experiment_id],
+                                      "tags.`gazetune.kind` = 'evaluation'")
+    assert evaluation.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    text, _ = page_text(f"{base}/#/experiments/{parent.info.experiment_id}/runs/"
+                        f"{evaluation.info.run_id}")
+    assert "evaluation of trial" in text
+    assert f"Parent run {parent.data.tags['mlflow.runName']}" in text
 
 
 def test_each_trial_page_shows_its_parent_and_metrics(ui):
