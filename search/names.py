@@ -15,9 +15,10 @@ RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at m
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-def check_name(name: str, option: str = "study name") -> str:
-    """`name` if it follows the rule; otherwise a one-line `ConfigError` naming `option`."""
+def check_name(name: str, option: str = "study name",
+               names: str = "a folder and the MLflow experiment") -> str:
+    """`name` if it follows the rule; otherwise a one-line `ConfigError` naming `option` and
+    what the name `names`. (A registered model's name follows the same rule.)"""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(f"{option} {name!r}: use {RULE} characters (it names a folder and "
-                          f"the MLflow experiment)")
+        raise ConfigError(f"{option} {name!r}: use {RULE} characters (it names {names})")
     return name

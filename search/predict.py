@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from search import tracking
+from search.storage import is_uri
 from trainable.config import CLASS_NAMES
 from trainable.errors import GazetuneError
 
@@ -94,7 +95,7 @@ def table(results: list[Prediction]) -> str:
 def _load(model_uri: str, tracking_uri: str | None):
     """The pyfunc model, with the `Classifier` inside it for the saliency maps."""
     store = tracking_uri
-    if "://" in model_uri or model_uri.startswith(("models:", "runs:")):  # else: a folder
+    if is_uri(model_uri) or model_uri.startswith(("models:", "runs:")):  # else: a folder
         store = tracking.existing_store(tracking.resolve_tracking_uri(tracking_uri, Path.cwd()))
     model = tracking.load_model(model_uri, store)
     try:

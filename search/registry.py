@@ -9,25 +9,19 @@ images [N, S, S] in [0, 1] at the trial's image size and returns the class proba
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from search import tracking
-from trainable.config import ConfigError
+from search.names import check_name
 from trainable.errors import GazetuneError
-
-RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def check_model_name(name: str) -> str:
-    """`name` if it can name a registered model here; otherwise a one-line `ConfigError`."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(f"--register {name!r}: a registered model's name uses {RULE} "
-                          f"characters")
-    return name
+    """`name` if it can name a registered model here (the study-name rule); otherwise a
+    one-line `ConfigError`."""
+    return check_name(name, "--register", names="a registered model")
 
 
 @dataclass(frozen=True)

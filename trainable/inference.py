@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainable.config import CLASS_NAMES, TrialConfig
+from trainable.config import TrialConfig
 from trainable.errors import GazetuneError
 
 
@@ -132,5 +132,3 @@ class Classifier:
         for start in range(0, len(x), bs):
             yield torch.from_numpy(x[start:start + bs]).unsqueeze(1).to(self.device)
 
-
-__all__ = ["CLASS_NAMES", "Classifier"]
