@@ -121,6 +121,11 @@ def trial_fn(config: dict, setup: TrialSetup, train: Callable | None = None) -> 
     except DivergedError as err:
         diverged.write_text(str(err))
         raise
+    finally:
+        # Every report copied the state to the search's storage, and a retry starts from
+        # there: left behind, each trial's ~100 MB would pile up in Ray's session folder
+        # (/tmp/ray), which Ray never empties.
+        shutil.rmtree(state, ignore_errors=True)
 
 
 class TrialRunCloser(Callback):

@@ -3,6 +3,7 @@ injected into a search's trials. Shared plain functions and constants are in hel
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_in_basetemp(tmp_path_factory):
+    """Temporary folders the code under test makes in this process (a trial without a checkpoint
+    folder of its own) go to pytest's folder, which pytest empties after tests that pass
+    (`tmp_path_retention_policy`), not to /tmp, which nobody empties: CI's disk is small."""
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    yield
+    tempfile.tempdir = None
 
 
 @pytest.fixture(scope="session")
