@@ -10,7 +10,7 @@ import re
 import pytest
 from helpers import gazetune
 
-from search.cli import build_parser
+from search.cli import build_parser, main
 from trainable.config import TrialConfig, describe_keys
 
 
@@ -82,19 +82,34 @@ def test_train_refuses_an_unwritable_sqlite_store_at_once(tmp_path, small_cache)
     assert "MLflow store folder" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+STUDY_COMMANDS = (["export"], ["evaluate"], ["resume"], ["train", "epochs=1", "--experiment"],
+                  ["search", "--name"])
+
+
 @pytest.mark.parametrize("name", ["/tmp/x/victim", "../../escape", "", ".hidden", "a/b",
                                   "x" * 101])
-def test_every_command_that_takes_a_study_name_refuses_a_path(tmp_path, name):
+def test_every_command_that_takes_a_study_name_refuses_a_path(tmp_path, monkeypatch, capsys,
+                                                              name):
     (tmp_path / "mlflow.db").write_bytes(b"")  # the reading commands would otherwise stop first
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    for command in (["export", name], ["evaluate", name], ["resume", name],
-                    ["train", "--experiment", name, "epochs=1"],
-                    ["search", "--name", name]):
-        done = gazetune(*command, cwd=tmp_path, check=False)
+    monkeypatch.chdir(tmp_path)
+    for command in STUDY_COMMANDS:
+        # In this process (a subprocess each would cost 2 s of imports): the test below runs
+        # the real command line.
+        assert main([*command, name]) == 2, command
+        err = capsys.readouterr().err
+        assert "use letters, digits" in err and len(err.strip().splitlines()) == 1, (command, err)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_the_command_line_refuses_a_path_as_a_study_name_in_one_line(tmp_path):
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    for command in STUDY_COMMANDS:
+        done = gazetune(*command, "../../escape", cwd=tmp_path, check=False)
         assert done.returncode == 2 and "Traceback" not in done.stderr, (command, done.stderr)
         assert "use letters, digits" in done.stderr, (command, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
 
 
 def test_a_checkpoint_with_broken_json_is_one_line(tmp_path):

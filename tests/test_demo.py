@@ -10,13 +10,22 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_metric_shape, assert_png, identifiers
+from helpers import (
+    assert_complete_history,
+    assert_metric_shape,
+    assert_png,
+    identifiers,
+    trial_runs,
+)
 from identifiers import scan_for_identifiers
 from mlflow import MlflowClient
+from optuna.trial import TrialState
 
 from search import tracking
-from search.demo import run_demo
+from search.demo import EPOCHS, TRIALS, run_demo
 from search.reporting import BEST_CONFIGS
+from search.searcher import load_study
+from search.settings import SearchSettings
 from search.study import best_epoch
 from trainable.data import load_cache
 from trainable.errors import GazetuneError
@@ -62,6 +71,37 @@ def test_the_readme_demo_in_a_fresh_clone(tmp_path):
     assert evaluation["data"] == "synthetic"
     for name in ("summary.md", "evaluation.md"):
         assert "**Data: synthetic**" in (report / name).read_text(), name
+
+    # The search behind it: one finished MLflow run per trial with its complete history,
+    # ASHA's stops tagged and seen by Optuna as pruned, the parent run naming the best.
+    runs = trial_runs(clone, "demo")
+    assert len(runs) == TRIALS
+    for run, steps in runs.values():
+        assert run.info.status == "FINISHED"
+        epochs = max(steps["train/loss"])
+        assert_complete_history(steps, epochs)
+        assert (run.data.tags.get("pruned") == "true") == (epochs < EPOCHS)
+        artifacts = {a.path for a in MlflowClient(tracking.resolve_tracking_uri(
+            None, clone)).list_artifacts(run.info.run_id)}
+        assert {"checkpoint", "config.json"} <= artifacts
+    states = [t.state for t in load_study(clone / "ray_results" / "demo").trials]
+    pruned = sum(run.data.tags.get("pruned") == "true" for run, _ in runs.values())
+    assert states.count(TrialState.PRUNED) == pruned >= 1
+    assert states.count(TrialState.COMPLETE) == TRIALS - pruned
+    settings = SearchSettings.load(str(clone / "ray_results" / "demo"))
+    client = MlflowClient(settings.tracking_uri)
+    parent = client.get_run(settings.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    best = {run.info.run_id: max(m.value for m in client.get_metric_history(
+        run.info.run_id, "val/auc/mean")) for run, _ in runs.values()}
+    assert parent.data.metrics["best/val/auc/mean"] == best[parent.data.tags["best_run_id"]]
+    assert best[parent.data.tags["best_run_id"]] == max(best.values())
+    # The trials left their state in the search's storage only: Ray never empties its session
+    # folder, where each trial's working directory lies.
+    session = (Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "session_latest").resolve()
+    working_dirs = list(session.glob("artifacts/*/demo/working_dirs/*"))
+    assert len(working_dirs) == TRIALS
+    assert [p for d in working_dirs for p in d.glob("state-*")] == []
 
     # The report of a real search: each trial scored at its best validation epoch.
     uri = tracking.resolve_tracking_uri(None, clone)

@@ -1,18 +1,14 @@
-"""`gazetune search`: bad options refused before any work; the search end to end, tiny cache."""
+"""`gazetune search`: bad options refused before any work, settings, callbacks. The search
+end to end is checked by the demo's test (tests/test_demo.py), which runs one."""
 
 import json
 import pickle
-import time
 from types import SimpleNamespace
 
 import pytest
-from helpers import assert_complete_history, gazetune, quick_set, trial_runs
-from mlflow import MlflowClient
-from optuna.trial import TrialState
+from helpers import gazetune
 
-from search import tracking
 from search.progress import ProgressPrinter, describe
-from search.searcher import load_study
 from search.service import resume_search, run_search
 from search.settings import SearchSettings, parse_fixed
 from search.trial import TrialRunCloser
@@ -98,52 +94,3 @@ def test_cli_names_the_bad_setting(tmp_path):
     done = gazetune("search", "--set", "epochs=3", cwd=tmp_path, check=False)
     assert done.returncode == 2
     assert "--max-epochs" in done.stderr
-
-
-@pytest.mark.slow
-def test_search_end_to_end_eight_trials(small_cache, tmp_path):
-    """`gazetune search --samples 8 --max-epochs 3` on the 64 px synthetic cache.
-
-    The eight trials are the paper's eight configurations: on this cache several of them score
-    lower than the others after one or two epochs (measured), which ASHA needs to prune any.
-    """
-    start = time.monotonic()
-    done = gazetune("search", "--name", "e2e", "--cache", str(small_cache), "--samples", "8",
-                    "--max-epochs", "3", "--grace-period", "1", "--max-concurrent", "2",
-                    "--paper-points", "--set", *quick_set(batch_size=16), cwd=tmp_path,
-                    check=False)
-    seconds = time.monotonic() - start
-    assert done.returncode == 0, done.stdout + done.stderr
-    print(f"search of 8 trials x 3 epochs: {seconds:.0f} s\n{done.stdout}")
-    assert "8/8 trials done" in done.stdout
-
-    runs = trial_runs(tmp_path, "e2e")
-    assert len(runs) == 8
-    for run, steps in runs.values():
-        assert run.info.status == "FINISHED"
-        epochs = max(steps["train/loss"])
-        assert_complete_history(steps, epochs)
-        assert (run.data.tags.get("pruned") == "true") == (epochs < 3)
-        assert run.data.params["epochs"] == "3" and run.data.params["batch_size"] == "16"
-        artifacts = {a.path for a in MlflowClient(tracking.resolve_tracking_uri(
-            None, tmp_path)).list_artifacts(run.info.run_id)}
-        assert {"checkpoint", "config.json"} <= artifacts
-
-    study = load_study(tmp_path / "ray_results" / "e2e")
-    states = [t.state for t in study.trials]
-    assert len(states) == 8
-    pruned_runs = sum(run.data.tags.get("pruned") == "true" for run, _ in runs.values())
-    assert states.count(TrialState.PRUNED) == pruned_runs >= 1
-    assert states.count(TrialState.COMPLETE) == 8 - pruned_runs
-
-    settings = SearchSettings.load(str(tmp_path / "ray_results" / "e2e"))
-    client = MlflowClient(settings.tracking_uri)
-    parent = client.get_run(settings.parent_run_id)
-    assert parent.info.status == "FINISHED"
-
-    def best_auc(run_id):
-        return max(m.value for m in client.get_metric_history(run_id, "val/auc/mean"))
-
-    best = {run.info.run_id: best_auc(run.info.run_id) for run, _ in runs.values()}
-    assert parent.data.metrics["best/val/auc/mean"] == best[parent.data.tags["best_run_id"]]
-    assert best[parent.data.tags["best_run_id"]] == max(best.values())
