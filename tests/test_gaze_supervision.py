@@ -24,7 +24,7 @@ def load_benchmark():
 def test_reduced_benchmark_shows_the_shortcut_cost_and_writes_the_table(tmp_path):
     bench = load_benchmark()
     configs = ["ceiling", "classifier", "set1 guided_backprop", "rrr"]
-    argv = ["--images", "300", "--size", "64", "--epochs", "4", "--seeds", "0",
+    argv = ["--images", "300", "--size", "64", "--epochs", "3", "--seeds", "0",
             "--configs", *configs, "--work", str(tmp_path / "work"), "--out", str(tmp_path)]
     report = bench.main(argv)
 
