@@ -49,6 +49,36 @@ def auc_interval_chart(rows: Sequence[Mapping], reference_label: str = "paper",
     return fig
 
 
+def configurations_chart(rows: Sequence[Mapping], reference: float | None,
+                         reference_label: str = "classifier only") -> Figure:
+    """Test mean AUC with its interval per configuration, and the reference model's mean AUC
+    as a vertical line (`auc_interval_chart` plus that line).
+
+    Args:
+        rows: as for `auc_interval_chart` (``label``, ``auc``, ``lo``, ``hi``).
+        reference: the reference model's mean AUC; None when the study has none, which the
+            title then says.
+        reference_label: legend entry of the line.
+
+    Returns:
+        The figure; with no rows, one that says so.
+    """
+    fig = auc_interval_chart(rows, label="test mean AUC (95% CI)")
+    if not rows:
+        return fig
+    ax = fig.axes[0]
+    if reference is None:
+        ax.set_title(f"no {reference_label} model in the study: no reference line",
+                     fontsize=FONT_SIZE)
+        return fig
+    ax.axvline(reference, color="C3", linestyle="--",
+               label=f"{reference_label} ({reference:.3f})")
+    for legend in list(fig.legends):  # drawn again to include the line
+        legend.remove()
+    fig.legend(fontsize=FONT_SIZE - 1, loc="outside lower center", ncols=2)
+    return fig
+
+
 def search_history_chart(trials: Sequence[Mapping], metric: str = "val mean AUC") -> Figure:
     """Validation score of each trial in order, pruned trials marked, best-so-far line.
 

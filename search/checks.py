@@ -18,6 +18,7 @@ from trainable.config import ConfigError, TrialConfig
 from trainable.data.cache import check_splits
 from trainable.errors import GazetuneError
 from trainable.files import check_writable
+from trainable.pretrained import check_available
 
 
 def check_new_search(settings: SearchSettings) -> None:
@@ -37,7 +38,16 @@ def check_new_search(settings: SearchSettings) -> None:
                             f"or choose another --name")
     if not storage.is_uri(settings.cache):  # a cache on a URI is read by the trials, not here
         check_splits(settings.cache)
+    check_encoder_weights(settings)
     check_storage(settings)  # last: it creates the storage folder
+
+
+def check_encoder_weights(settings: SearchSettings) -> None:
+    """The fixed (or default) encoder weights, as `trainable.pretrained.check_available` checks
+    them; a weights file only on a local search (on a cluster it may be on the workers only)."""
+    fixed = settings.fixed
+    check_available(fixed.get("encoder", TrialConfig.encoder), fixed.get("encoder_weights"),
+                    local=settings.address is None)
 
 
 def check_storage(settings: SearchSettings) -> None:
@@ -65,6 +75,13 @@ def _check_fixed(space: Callable, settings: SearchSettings) -> None:
         except ValueError as err:  # a fixed value outside the space's choices
             raise ConfigError(f"--set {settings.fixed}: not in space {settings.space!r}: "
                               f"{err}") from None
+        # Optuna never asks the sampler about a categorical of one choice (the paper space's
+        # recipe), so a fixed value there would be dropped without a word.
+        for key, value in sampled.items():
+            if key in settings.fixed and settings.fixed[key] != value:
+                raise ConfigError(f"--set {key}={settings.fixed[key]}: space "
+                                  f"{settings.space!r} sets {key}={value}; --space extended "
+                                  f"searches it")
         TrialConfig.from_dict({**settings.fixed, **sampled, "cache": settings.cache,
                                "epochs": settings.max_epochs})
 

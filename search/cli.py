@@ -55,11 +55,17 @@ def _prepare(args) -> int:
 def _train(args) -> int:
     from search.names import check_name
     from trainable.config import TrialConfig, parse_overrides
+    from trainable.data.cache import data_origin
     from trainable.loop import check_inputs
+    from trainable.pretrained import check_available, default_weights
 
     check_name(args.experiment, "--experiment")
     config = parse_overrides(args.overrides)
-    check_inputs(TrialConfig.from_dict(config))  # before MLflow opens a run
+    cfg = TrialConfig.from_dict(config)
+    check_inputs(cfg)  # before MLflow opens a run
+    if "encoder_weights" not in config:  # imagenet for a cache of the real release
+        config["encoder_weights"] = default_weights(data_origin(cfg.cache), cfg.encoder)
+    check_available(cfg.encoder, config["encoder_weights"])
     from search.tracking import train_logged
 
     train_logged(config, experiment=args.experiment, tracking_uri=args.tracking_uri)
@@ -112,6 +118,13 @@ def _export(args) -> int:
 
 
 def _evaluate(args) -> int:
+    if args.all_configurations:
+        from search.configurations import evaluate_configurations
+
+        evaluate_configurations(args.name, protocol=args.protocol, cache=args.cache,
+                                tracking_uri=args.tracking_uri, reports=args.reports,
+                                n_boot=args.n_boot)
+        return 0
     from search.evaluate import evaluate_study
 
     evaluate_study(args.name, run_id=args.run_id, protocol=args.protocol, cache=args.cache,
@@ -289,7 +302,8 @@ def _add_service_commands(sub) -> None:
                    help="trials at once (default: as many as the resources allow)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of Optuna's sampler")
     p.add_argument("--paper-points", action="store_true",
-                   help="run the paper's eight configurations first")
+                   help="run the paper's eight configurations first, each to --max-epochs "
+                        "(ASHA judges the trials after them)")
     p.add_argument("--set", dest="fixed", nargs="+", default=[], metavar="KEY=VALUE",
                    help="fixed trial settings, e.g. batch_size=16 n_boot=500")
     p.add_argument("--max-failures", type=int, default=DEFAULTS.max_failures,
@@ -345,8 +359,13 @@ def _add_report_commands(sub) -> None:
     p = sub.add_parser("evaluate",
                               help="evaluate a study's best checkpoint on the test split")
     p.add_argument("name", help="the study name (= the MLflow experiment)")
-    p.add_argument("--run", dest="run_id", default=None,
-                   help="a trial's MLflow run id (default: the best validation AUC)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--run", dest="run_id", default=None,
+                       help="a trial's MLflow run id (default: the best validation AUC)")
+    which.add_argument("--all-configurations", action="store_true",
+                       help="test the best trial of every loss set x generator instead: "
+                            "configurations.{md,json} with per-class AUCs, paired bootstrap "
+                            "differences against the classifier-only model, and a chart")
     p.add_argument("--protocol", choices=("stratified", "paper"), default="stratified",
                    help="bootstrap: stratified (2,000 resamples) or the paper's (30 of 55%%)")
     p.add_argument("--n-boot", type=int, default=0,

@@ -69,34 +69,22 @@ def evaluate_study(name: str, run_id: str | None = None, protocol: str = "strati
     """
     workdir = Path(workdir or Path.cwd())
     check_name(name)
-    if not 0 <= n_boot <= 1_000_000:
-        raise GazetuneError(f"--n-boot must be in [0, 1000000] (0: the protocol's default), "
-                            f"got {n_boot}")
+    check_n_boot(n_boot)
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
     trials = read_trials(uri, name)
     ranked = ranked_trials(trials)
     trial = _pick_trial(trials, ranked, name, run_id)
     # Another trial's evaluation goes beside the best trial's, never over it.
     files = report_files(None if ranked and ranked[0].run_id == trial.run_id else trial.number)
-    with tempfile.TemporaryDirectory(prefix="gazetune-evaluate-") as scratch:
-        state, config, best = pull_checkpoint(trial.run_id, uri, Path(scratch))
-    if cache:
-        cache = str(absolute(cache, workdir))
-        _check_same_cache(cache, best.get("cache_input_hash"), trial.number)
-    else:
-        cache = config["cache"]
-    cfg = TrialConfig.from_dict({**config, "cache": cache, "boot_protocol": protocol,
-                                 "n_boot": n_boot, "checkpoint_dir": None,
-                                 # the trial's share of a packed GPU; evaluation runs alone
-                                 "gpu_memory_fraction": 0.0})
+    state, cfg = load_trial(trial, uri, cache, protocol, n_boot, workdir)
     out = claim_report_folder(absolute(reports, workdir) / name)
-    metrics, figure, counts = _evaluate(state, cfg)
+    metrics, figure, counts, _ = evaluate_checkpoint(state, cfg)
 
     result = {
         "study": name, "run_id": trial.run_id, "trial": trial.number,
         "method": "/".join(p for p in trial.method if p), "epoch": trial.epoch,
         "checkpoint_uri": checkpoint_uri(trial.run_id), "split": "test",
-        "images": counts, "protocol": protocol, "n_boot": _resamples(cfg), "alpha": 0.05,
+        "images": counts, "protocol": protocol, "n_boot": resamples(cfg), "alpha": 0.05,
         "seed": cfg.seed, "test": evaluation_scores(metrics), "val": trial.val,
         "agreement": _agreement(metrics), "evaluation_run_id": None,
         "data": data_origin(cfg.cache), "panels": f"{FIGURES}/{files[2]}",
@@ -109,6 +97,31 @@ def evaluate_study(name: str, run_id: str | None = None, protocol: str = "strati
     print(f"test split of study {name!r}, trial {trial.number} (run {trial.run_id}): mean AUC "
           f"{format_auc(result['test']['mean'])}; report: {out / files[1]}")
     return result
+
+
+def check_n_boot(n_boot: int) -> None:
+    if not 0 <= n_boot <= 1_000_000:
+        raise GazetuneError(f"--n-boot must be in [0, 1000000] (0: the protocol's default), "
+                            f"got {n_boot}")
+
+
+def load_trial(trial, uri: str, cache: str | Path | None, protocol: str, n_boot: int,
+               workdir: Path) -> tuple[dict, TrialConfig]:
+    """(model state dict, config to test it with) of a trial's best checkpoint: its own config
+    with the bootstrap asked for, on `cache` (checked to be the data it trained on) or its own.
+    """
+    with tempfile.TemporaryDirectory(prefix="gazetune-evaluate-") as scratch:
+        state, config, best = pull_checkpoint(trial.run_id, uri, Path(scratch))
+    if cache:
+        cache = str(absolute(cache, workdir))
+        _check_same_cache(cache, best.get("cache_input_hash"), trial.number)
+    else:
+        cache = config["cache"]
+    return state, TrialConfig.from_dict({**config, "cache": cache, "boot_protocol": protocol,
+                                         "n_boot": n_boot, "checkpoint_dir": None,
+                                         # the trial's share of a packed GPU; evaluation runs
+                                         # alone
+                                         "gpu_memory_fraction": 0.0})
 
 
 def report_files(trial: int | None) -> tuple[str, str, str]:
@@ -165,8 +178,9 @@ def _pick_trial(trials: list, ranked: list, name: str, run_id: str | None):
     raise GazetuneError(f"run {run_id} is not a trial of study {name!r}")
 
 
-def _evaluate(state: dict, cfg: TrialConfig):
-    """Test-split metrics, heatmap panels and image counts of the checkpoint's model."""
+def evaluate_checkpoint(state: dict, cfg: TrialConfig, panels: bool = True):
+    """(test-split metrics, heatmap panels or None, image counts, predictions) of the
+    checkpoint's model; predictions as `trainable.loop.evaluate` returns them."""
     from trainable.data import load_cache
     from trainable.loop import DeviceData, choose_device, evaluate
     from trainable.model import build_model
@@ -176,7 +190,7 @@ def _evaluate(state: dict, cfg: TrialConfig):
                             f"with the prepared cache of the same data")
     device = choose_device(cfg)
     data = DeviceData(load_cache(cfg.cache), device)
-    model = build_model(cfg)
+    model = build_model(cfg, load_encoder_weights=False)  # the checkpoint holds them
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -189,7 +203,8 @@ def _evaluate(state: dict, cfg: TrialConfig):
     labels = data.cache.labels[idx]
     counts = {"total": len(idx),
               **{c: int(n) for c, n in zip(CLASS_NAMES, labels.sum(0))}}
-    return metrics, _panels(data, idx, predictions, cfg), counts
+    figure = _panels(data, idx, predictions, cfg) if panels else None
+    return metrics, figure, counts, predictions
 
 
 def _panels(data, idx: np.ndarray, predictions: dict, cfg: TrialConfig):
@@ -227,7 +242,7 @@ def _agreement(metrics: dict) -> dict:
     return out
 
 
-def _resamples(cfg: TrialConfig) -> int:
+def resamples(cfg: TrialConfig) -> int:
     from trainable.metrics import DEFAULT_N_BOOT
 
     return cfg.n_boot or DEFAULT_N_BOOT[cfg.boot_protocol]
@@ -277,7 +292,8 @@ def evaluation_markdown(result: dict) -> str:
     images = result["images"]
     method = tuple(result["method"].split("/")) + ((None,) if "/" not in result["method"] else ())
     boot = ("stratified bootstrap" if result["protocol"] == "stratified"
-            else "the paper's bootstrap (resamples of 55% of the images)")
+            else "the paper's bootstrap (resamples of 55% of the images, their median as the "
+                 "AUC)")
     lines = [
         f"# Test evaluation of study `{result['study']}`",
         "",

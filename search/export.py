@@ -184,7 +184,8 @@ def summary_markdown(name: str, trials: list[Trial], rows: list[Row], searched: 
     best = rows and max((r.best for r in rows), key=lambda t: t.score)
     cfg = best.config() if best else {}
     protocol = (f"{cfg.get('n_boot') or 'the default number of'} {cfg.get('boot_protocol')} "
-                f"bootstrap resamples, 95% percentile intervals")
+                f"bootstrap resamples, 95% percentile intervals"
+                + (", the median as the AUC" if cfg.get("boot_protocol") == "paper" else ""))
     lines = [
         f"# Study `{name}`",
         "",

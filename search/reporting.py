@@ -15,6 +15,9 @@ from trainable.errors import GazetuneError
 from trainable.files import atomic_write
 
 BEST_CONFIGS, SUMMARY, FIGURES = "best_configs.json", "summary.md", "figures"
+# `evaluate --all-configurations`: the test table of every configuration and its chart.
+CONFIGURATIONS_JSON, CONFIGURATIONS_MD = "configurations.json", "configurations.md"
+CONFIGURATIONS_PNG = "configurations.png"
 
 # Watanabe et al. 2022, as published: mean (auc, lo, hi) and per-class AUC on their test
 # split of about 100 images. Keys: (loss_set, generator or None).
@@ -56,9 +59,9 @@ def format_auc(value) -> str:
 
 
 
-# export always writes best_configs.json, evaluate evaluation.json: a folder with either is a
-# report of this tool.
-REPORT_MARKS = (BEST_CONFIGS, "evaluation.json")
+# export always writes best_configs.json, evaluate evaluation.json (configurations.json with
+# --all-configurations): a folder with any of them is a report of this tool.
+REPORT_MARKS = (BEST_CONFIGS, "evaluation.json", CONFIGURATIONS_JSON)
 
 
 def claim_report_folder(out: Path) -> Path:

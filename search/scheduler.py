@@ -13,6 +13,10 @@ A resumed trial reports again the epochs after its last checkpoint; a rung that 
 trial skips it (`_Bracket.on_result`), so a decision ASHA took stands: CONTINUE, or STOP, which
 Tune keeps in the same snapshot until the trial's checkpoint is saved and then carries out.
 This relies on one checkpoint per reported epoch, which is how the trials report.
+
+With `--paper-points` the paper's configurations, queued as the study's first trials, run their
+whole budget (`PaperPointsASHA`): stopped after an epoch or two, as ASHA would stop most of
+them, they could not be compared with each other at all.
 """
 
 from __future__ import annotations
@@ -20,15 +24,50 @@ from __future__ import annotations
 import logging
 
 from ray.tune import Callback
-from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+from search.searcher import TRIAL_NUMBER
 
 logger = logging.getLogger(__name__)
 
 
-def asha(max_t: int, grace_period: int, reduction_factor: int) -> ASHAScheduler:
-    """One bracket of ASHA over epochs (`training_iteration`)."""
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace_period,
-                         reduction_factor=reduction_factor)
+def asha(max_t: int, grace_period: int, reduction_factor: int,
+         paper_points: int = 0) -> PaperPointsASHA:
+    """One bracket of ASHA over epochs (`training_iteration`); the first `paper_points` trials
+    of the study (the paper's configurations, when queued) run to `max_t`."""
+    return PaperPointsASHA(time_attr="training_iteration", max_t=max_t,
+                           grace_period=grace_period, reduction_factor=reduction_factor,
+                           paper_points=paper_points)
+
+
+class PaperPointsASHA(AsyncHyperBandScheduler):
+    """ASHA that never stops the trials numbered below `paper_points` before `max_t`.
+
+    The searcher queues the paper's points as the study's first trials, so a trial's number
+    (`TRIAL_NUMBER` in its config) says whether it is one. The count is pickled with the
+    scheduler in Tune's state, so a resumed search keeps the same points, and a search started
+    afresh by `gazetune resume` takes it from the saved settings, as the first start did.
+    """
+
+    def __init__(self, *args, paper_points: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.paper_points = paper_points
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        # The points' results still go into the rungs (ASHA records a result as it judges it):
+        # they are the search's first trials, so without them the first sampled trials would
+        # meet empty rungs and pass unjudged, and they are honest results at that epoch.
+        # ASHAState saves them with the rest, so a resumed search judges against the same rungs.
+        action = super().on_trial_result(tune_controller, trial, result)
+        if (action == TrialScheduler.STOP and self._is_paper_point(trial)
+                and result[self._time_attr] < self._max_t):  # at max_t its budget is spent
+            self._num_stopped -= 1  # counted by ASHA as it decided to stop it
+            return TrialScheduler.CONTINUE
+        return action
+
+    def _is_paper_point(self, trial) -> bool:
+        number = (trial.config or {}).get(TRIAL_NUMBER)
+        return isinstance(number, int) and 0 <= number < self.paper_points
 
 
 class ASHAState(Callback):

@@ -18,7 +18,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis, Tuner
 
 from search import tracking
-from search.checks import check_new_search, check_storage, partial_fixed
+from search.checks import check_encoder_weights, check_new_search, check_storage, partial_fixed
 from search.progress import ProgressPrinter, stopped_early
 from search.ray_session import ray_session, with_gpu_share
 from search.scheduler import ASHAState, asha
@@ -28,6 +28,8 @@ from search.storage import is_uri, remove
 from search.trial import OUTAGE_FILE, TrialRunCloser, TrialSetup, tracking_outage, trial_fn
 from spaces import PAPER_POINTS, get_space
 from trainable.config import METRIC, TrialConfig
+from trainable.data.cache import data_origin
+from trainable.pretrained import default_weights
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ def run_search(settings: SearchSettings, trainable: Callable | None = None,
         workdir: where relative paths and the embedded MLflow store live (default: cwd).
     """
     settings = settings.resolved(Path(workdir or Path.cwd()))
+    settings = with_default_weights(settings)
     check_new_search(settings)
     experiment_id = tracking.ensure_experiment(settings.name, settings.tracking_uri)
     with ray_session(settings.address):
@@ -87,6 +90,7 @@ def resume_search(name: str, storage: str = DEFAULTS.storage,
         address=address or settings.address,
     )
     check_storage(settings)
+    check_encoder_weights(settings)
     settings.save()
     with ray_session(settings.address):
         tracking.start_parent_run(settings.experiment_id, settings.params(),
@@ -100,6 +104,19 @@ def resume_search(name: str, storage: str = DEFAULTS.storage,
             tuner = _new_tuner(settings, trainable)
         grid = _fit(settings, tuner)
     return _finish(settings, grid)
+
+
+def with_default_weights(settings: SearchSettings) -> SearchSettings:
+    """`encoder_weights` fixed to its default for the cache (`trainable.pretrained.
+    default_weights`: imagenet for the real release) unless `--set` gives it. Fixed, so that it
+    is saved with the settings (a resume trains alike) and every trial's params show it."""
+    if "encoder_weights" in settings.fixed:
+        return settings
+    encoder = settings.fixed.get("encoder", TrialConfig.encoder)
+    weights = default_weights(data_origin(settings.cache), encoder)
+    if weights is None:  # the trials' own default: nothing to fix
+        return settings
+    return dataclasses.replace(settings, fixed={**settings.fixed, "encoder_weights": weights})
 
 
 def _close_lost_runs(settings: SearchSettings) -> None:
@@ -141,7 +158,10 @@ def _new_tuner(settings: SearchSettings, trainable: Callable | None):
         points_to_evaluate=([dict(p) for p in PAPER_POINTS[:settings.samples]]
                             if settings.paper_points else None),
     )
-    scheduler = asha(settings.max_epochs, settings.grace_period, settings.reduction_factor)
+    # The points queued above run their whole budget: ASHA judges only the sampled trials.
+    scheduler = asha(settings.max_epochs, settings.grace_period, settings.reduction_factor,
+                     paper_points=(len(PAPER_POINTS[:settings.samples])
+                                   if settings.paper_points else 0))
     return tune.Tuner(
         _trainable(settings, trainable),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher,

@@ -15,6 +15,7 @@ from search import storage, tracking
 from search.names import check_name
 from trainable.config import ConfigError, TrialConfig, parse_overrides
 from trainable.errors import GazetuneError
+from trainable.pretrained import is_named
 
 SETTINGS_FILE = "gazetune.json"
 # Set by the service itself, each from its own option.
@@ -58,11 +59,17 @@ class SearchSettings:
 
     def resolved(self, workdir: Path) -> SearchSettings:
         """Absolute paths and URIs: Ray runs each trial in its own directory."""
+        fixed = dict(self.fixed)
+        weights = fixed.get("encoder_weights")
+        if weights is not None and not is_named(fixed.get("encoder", TrialConfig.encoder),
+                                                weights):
+            fixed["encoder_weights"] = str(storage.absolute(weights, workdir))  # a file
         return dataclasses.replace(
             self,
             storage=storage.located(self.storage, workdir),
             cache=str(storage.absolute(self.cache, workdir)),
             tracking_uri=tracking.resolve_tracking_uri(self.tracking_uri, workdir),
+            fixed=fixed,
         )
 
     def check_options(self) -> None:

@@ -1,5 +1,6 @@
-"""The paper's space plus what it lacked: class-sensitive generators and every other loss set
-of the registry (`rrr`).
+"""The paper's space plus what it lacked: class-sensitive generators, every other loss set
+of the registry (`rrr`), and the project's defaults beside the paper's recipe (the CC mask
+loss, the cached heatmap as the gaze target).
 
 `gradient` and `gradcam` depend on the class where guided backprop and deconvnet barely do
 (measured on this network); `rrr` (Ross et al. 2017) penalises input gradients outside the gaze
@@ -14,11 +15,18 @@ from trainable import loss_sets
 
 LOSS_SETS = tuple(loss_sets.LOSS_SETS)  # every loss set: the paper's and rrr
 GENERATORS = PAPER_GENERATORS + ("gradient", "gradcam")
+SEG_LOSSES = ("cc", "bce")
+GAZE_TARGETS = ("heatmap", "reference")
 
 
 def extended(trial) -> None:
-    """The paper's space with two more generators and the `rrr` loss set."""
+    """The paper's space with two more generators, the `rrr` loss set and both mask losses and
+    gaze targets."""
     loss_set = suggest_method(trial, LOSS_SETS, GENERATORS)
+    if loss_sets.applies("seg_loss", loss_set):
+        trial.suggest_categorical("seg_loss", SEG_LOSSES)
+    if loss_sets.applies("gaze_target", loss_set):
+        trial.suggest_categorical("gaze_target", GAZE_TARGETS)
     if loss_sets.applies("rrr_lambda", loss_set):
         trial.suggest_float("rrr_lambda", 0.1, 100.0, log=True)
     suggest_training(trial)

@@ -1,5 +1,6 @@
 """Loss sets: orderings and invariances on hand-made maps, and where each term sends gradient."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,14 @@ from hypothesis import strategies as st
 
 from trainable.generators import saliency
 from trainable.loss_sets import LOSS_SETS
-from trainable.losses import classification, loss_terms, map_alignment, rrr_penalty
+from trainable.losses import (
+    classification,
+    loss_terms,
+    map_alignment,
+    mask_loss,
+    reference_gaze_target,
+    rrr_penalty,
+)
 
 SIZE = 32
 
@@ -185,3 +193,124 @@ def test_set2_sends_no_gradient_through_the_generator_map():
     grad_map, grad_mask = torch.autograd.grad(total, [gen_map, mask], allow_unused=True)
     assert grad_map is None
     assert grad_mask.abs().max() > 0
+
+
+# --- the paper's recipe: BCE mask loss, the reference gaze target, maps of every output ---
+
+
+def numpy_bce_with_logits(logits, target) -> float:
+    """-[t log sigmoid(m) + (1 - t) log(1 - sigmoid(m))], mean, in float64."""
+    m, t = np.asarray(logits, np.float64), np.asarray(target, np.float64)
+    p = 1 / (1 + np.exp(-m))
+    return float(np.mean(-(t * np.log(p) + (1 - t) * np.log(1 - p))))
+
+
+def test_bce_mask_loss_is_bce_with_logits_against_the_heatmap():
+    logits = torch.tensor([[[[0.0, 2.0], [-1.0, 0.5]]]])  # [1, 1, 2, 2]
+    gaze = torch.tensor([[[[0.3, 1.0], [0.0, 0.6]]]])
+    expected = numpy_bce_with_logits(logits, gaze)
+    got = mask_loss(logits, gaze, "bce")
+    assert float(got) == pytest.approx(expected, abs=1e-6)
+    assert float(got) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(logits, gaze)), abs=1e-6)
+    # logits of 0 cost log 2 against any target
+    assert float(mask_loss(torch.zeros(1, 1, 2, 2), gaze, "bce")) == pytest.approx(np.log(2))
+    labels = torch.eye(3)[[1]]
+    terms = loss_terms("baseline", logits=torch.zeros(1, 3), labels=labels, mask_logits=logits,
+                       gaze=gaze, weight=0.5, seg_loss="bce")
+    assert float(terms["mask_gaze"]) == pytest.approx(expected, abs=1e-6)
+    assert float(terms["total"]) == pytest.approx(np.log(2) + 0.5 * expected, abs=1e-6)
+    # set2: the generator's map as the target, scaled to |G| / max |G| in [0, 1]
+    gen_map = torch.tensor([[[[-2.0, 4.0], [1.0, 0.0]]]])
+    terms = loss_terms("set2", logits=torch.zeros(1, 3), labels=labels, mask_logits=logits,
+                       gen_map=gen_map, seg_loss="bce")
+    expected = numpy_bce_with_logits(logits, [[[[0.5, 1.0], [0.25, 0.0]]]])
+    assert float(terms["mask_map"]) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="seg_loss"):
+        mask_loss(logits, gaze, "mse")
+
+
+def test_reference_target_is_the_authors_viridis_png_in_grey():
+    """Their pipeline: plt.imsave (viridis PNG), PIL open -> RGB -> L, / 255."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    heatmap = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    heatmap[0, :3] = (0.0, 1.0, 0.5)
+    png = io.BytesIO()
+    plt.imsave(png, heatmap, format="png")
+    png.seek(0)
+    theirs = np.asarray(Image.open(png).convert("RGB").convert("L"), np.float64) / 255
+    ours = reference_gaze_target(torch.from_numpy(heatmap)[None, None])[0, 0].numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    # by hand: viridis(0) = (68, 1, 84) and viridis(1) = (253, 231, 36) as bytes; PIL's grey
+    # is (19595 R + 38470 G + 7471 B + 32768) >> 16, i.e. 30 and 215
+    assert ours[0, 0] * 255 == pytest.approx(30) and ours[0, 1] * 255 == pytest.approx(215)
+
+
+def test_the_loop_renders_the_reference_target_where_the_set_uses_it():
+    from trainable.config import TrialConfig
+    from trainable.loop import compute_terms
+
+    class Unet(torch.nn.Module):  # a fixed mask of logits 0.5 and zero class logits
+        def forward(self, x):
+            return torch.full_like(x[:, :1], 0.5), torch.zeros(len(x), 3)
+
+    x, y, gaze = torch.rand(2, 1, 4, 4), torch.eye(3)[[0, 2]], torch.rand(2, 1, 4, 4)
+    rendered = reference_gaze_target(gaze)
+    for target, expected_target in (("heatmap", gaze), ("reference", rendered)):
+        cfg = TrialConfig.from_dict({"loss_set": "baseline", "seg_loss": "bce",
+                                     "gaze_target": target})
+        term = compute_terms(Unet(), x, y, gaze, cfg)["mask_gaze"]
+        expected = numpy_bce_with_logits(np.full((2, 1, 4, 4), 0.5), expected_target)
+        assert float(term) == pytest.approx(expected, abs=1e-6)
+
+
+class Linear(torch.nn.Module):
+    """logits = W x + b: the input gradient of output k is W_k, whatever the image."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.fc = torch.nn.Linear(16, 3)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(3, 16, generator=g))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def _cc(a, b) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+@pytest.mark.parametrize("outputs", ["true_class", "all"])
+def test_set1_and_rrr_constrain_the_maps_of_the_chosen_outputs(outputs):
+    from trainable.config import TrialConfig
+    from trainable.loop import compute_terms
+
+    model = Linear()
+    w = model.fc.weight.detach().numpy().reshape(3, 4, 4)
+    x, y = torch.rand(2, 1, 4, 4), torch.eye(3)[[0, 2]]
+    gaze = torch.rand(2, 1, 4, 4)
+    gaze[:, :, :2] = 0  # the top half unlooked-at: rrr's region is the bottom half
+    g = gaze[:, 0].numpy()
+    classes = {"true_class": lambda b: [(0, 2)[b]], "all": lambda b: [0, 1, 2]}[outputs]
+    pairs = [(k, b) for b in range(2) for k in classes(b)]
+    expected_set1 = np.mean([1 - _cc(np.abs(w[k]), g[b]) for k, b in pairs])
+    outside = g < 0.1 * g.max((1, 2), keepdims=True)
+    expected_rrr = np.mean([(w[k] ** 2 * outside[b]).sum() / (w[k] ** 2).sum()
+                            for k, b in pairs])
+    base = {"generator": "gradient", "map_outputs": outputs}
+    set1 = compute_terms(model, x, y, gaze, TrialConfig.from_dict({"loss_set": "set1", **base}))
+    rrr = compute_terms(model, x, y, gaze, TrialConfig.from_dict({"loss_set": "rrr", **base}))
+    assert float(set1["map_gaze"].detach()) == pytest.approx(expected_set1, abs=1e-5)
+    assert float(rrr["rrr"].detach()) == pytest.approx(expected_rrr, abs=1e-5)
+    set1["map_gaze"].backward()  # the maps of every output train the weights of every output
+    trained = model.fc.weight.grad.abs().sum(1) > 0
+    assert trained.tolist() == ([True, False, True] if outputs == "true_class" else [True] * 3)

@@ -118,6 +118,34 @@ def test_paper_protocol_is_wider_than_stratified_at_108_images():
     assert resample_indices(y, protocol="paper").shape == (30, 59)
 
 
+def test_paper_protocol_reports_the_bootstrap_median_as_the_auc():
+    # 20 images, 2 classes; the expected numbers from scikit-learn on the same resamples
+    y = labels((12, 8))
+    s = scores(y, signal=0.4, seed=7)
+    indices = resample_indices(y, n_boot=30, seed=2, protocol="paper")
+    assert indices.shape == (30, 11)  # round(0.55 * 20) images each
+    usable = [i for i in indices if 0 < y[i, 0].sum() < len(i)]  # both labels present
+    boot = sklearn_loop(y, s, usable)
+    result = bootstrap_auc(y, s, ("a", "b"), n_boot=30, seed=2, protocol="paper")
+    for c, name in enumerate(("a", "b")):
+        assert result[name][0] == pytest.approx(np.median(boot[:, c]), abs=1e-12)
+    assert result["mean"][0] == pytest.approx(np.median(boot.mean(1)), abs=1e-12)
+    full = roc_auc_score(y[:, 0], s[:, 0])
+    assert result["a"][0] != pytest.approx(full, abs=1e-6)  # not the full-data AUC any more
+    # the stratified protocol keeps the full-data AUC as its point estimate
+    assert bootstrap_auc(y, s, ("a", "b"), n_boot=30)["a"][0] == pytest.approx(full, abs=1e-12)
+
+
+def test_paper_protocol_paired_difference_is_the_median_difference():
+    y = labels((12, 8))
+    a, b = scores(y, signal=0.8, seed=1), scores(y, signal=0.2, seed=2)
+    indices = resample_indices(y, n_boot=30, seed=0, protocol="paper")
+    usable = [i for i in indices if 0 < y[i, 0].sum() < len(i)]
+    diff = sklearn_loop(y, a, usable)[:, 0] - sklearn_loop(y, b, usable)[:, 0]
+    result = paired_bootstrap_diff(y, a, b, ("a", "b"), n_boot=30, protocol="paper")
+    assert result["a"][0] == pytest.approx(np.median(diff), abs=1e-12)
+
+
 def test_paper_protocol_skips_resamples_without_both_classes():
     # 2 positives of 20: a 11-image resample often has none; those must not become NaN or 0.5
     y = labels((18, 2))

@@ -33,6 +33,7 @@ def test_parse_fixed_types_values_and_refuses_what_the_search_sets():
         ({"cache": "missing"}, "cache .*missing does not exist"),
         ({"space": "papr"}, "unknown space 'papr'"),
         ({"fixed": {"loss_set": "rrr"}}, "not in space 'paper'"),
+        ({"fixed": {"seg_loss": "cc"}}, "space 'paper' sets seg_loss=bce"),
         ({"name": "a/b"}, "--name"),
         ({"grace_period": 5, "max_epochs": 3}, "--grace-period"),
     ],
@@ -61,6 +62,15 @@ def test_settings_saved_atomically_with_absolute_locations(tmp_path):
     assert saved["cache"] == str(tmp_path / "cache")
     assert saved["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert SearchSettings.load(str(folder)) == settings
+
+
+def test_an_encoder_weights_file_is_made_absolute_and_a_weight_name_kept(tmp_path):
+    # Trials run in folders of their own: a relative file would be looked for there.
+    fixed = SearchSettings(name="s", fixed={"encoder_weights": "w/encoder.pt"}).resolved(
+        tmp_path).fixed
+    assert fixed["encoder_weights"] == str(tmp_path / "w" / "encoder.pt")
+    named = SearchSettings(name="s", fixed={"encoder_weights": "imagenet"}).resolved(tmp_path)
+    assert named.fixed["encoder_weights"] == "imagenet"
 
 
 def test_resume_of_an_unknown_search_names_where_it_looked(tmp_path):

@@ -8,6 +8,7 @@ from optuna.trial import TrialState
 
 from search.searcher import PruningAwareOptunaSearch, load_study, tpe_sampler
 from spaces import PAPER_POINTS, SPACES
+from spaces.paper import RECIPE
 
 METRIC = "val/auc/mean"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -101,7 +102,8 @@ def test_state_survives_pickling_like_tune_saves_it(tmp_path):
     restored.on_trial_result("b", {METRIC: 0.7, "training_iteration": 1})
     restored.on_trial_complete("b", result={METRIC: 0.75, "training_iteration": 2})
     assert [t.state for t in restored.study.trials] == [TrialState.PRUNED, TrialState.PRUNED]
-    assert restored.study.trials[1].params == sampled(pending)
+    # Optuna keeps what the space suggested; the config adds the space's constants
+    assert {**restored.study.trials[1].params, **RECIPE} == sampled(pending)
     assert [t.state for t in load_study(tmp_path).trials] == [TrialState.PRUNED,
                                                               TrialState.RUNNING]
     pickle.dumps(restored)
@@ -110,7 +112,8 @@ def test_state_survives_pickling_like_tune_saves_it(tmp_path):
 def test_paper_points_come_first_and_then_tpe_samples():
     searcher = make_searcher(points_to_evaluate=PAPER_POINTS)
     configs = [searcher.suggest(f"t{i}") for i in range(len(PAPER_POINTS) + 2)]
-    assert [sampled(c) for c in configs[: len(PAPER_POINTS)]] == PAPER_POINTS
+    assert [sampled(c) for c in configs[: len(PAPER_POINTS)]] == [
+        {**point, **RECIPE} for point in PAPER_POINTS]
     assert all(c["loss_set"] in ("classifier", "baseline", "set1", "set2", "set3")
                for c in configs[len(PAPER_POINTS):])
 

@@ -11,6 +11,7 @@ from trainable.config import TrialConfig
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 SHARED = {"lr": 1e-3, "dropout": 0.1}
+PAPER_RECIPE = {"seg_loss": "bce", "gaze_target": "reference"}
 
 
 @pytest.mark.parametrize(
@@ -29,8 +30,9 @@ SHARED = {"lr": 1e-3, "dropout": 0.1}
 def test_paper_space_suggests_only_what_the_branch_uses(params, keys):
     trial = optuna.trial.FixedTrial({**params, **SHARED})
     config = sample(SPACES["paper"], trial)
-    assert set(config) == {"loss_set", "lr", "dropout"} | keys
-    assert config == {**params, **SHARED}
+    assert set(trial.params) == {"loss_set", "lr", "dropout"} | keys
+    # the paper's recipe: constants of the space, never sampled
+    assert config == {**params, **SHARED, **PAPER_RECIPE}
     TrialConfig.from_dict(config)
 
 
@@ -39,8 +41,13 @@ def test_extended_space_adds_generators_and_rrr():
                  optuna.trial.FixedTrial({"loss_set": "rrr", "rrr_lambda": 5.0, **SHARED}))
     assert rrr == {"loss_set": "rrr", "rrr_lambda": 5.0, **SHARED}
     for generator in ("gradient", "gradcam"):
-        params = {"loss_set": "set1", "generator": generator, "loss_weight": 1.0, **SHARED}
+        params = {"loss_set": "set1", "generator": generator, "loss_weight": 1.0,
+                  "gaze_target": "heatmap", **SHARED}
         assert sample(SPACES["extended"], optuna.trial.FixedTrial(params)) == params
+    # the project's defaults beside the paper's recipe
+    params = {"loss_set": "baseline", "loss_weight": 1.0, "seg_loss": "cc",
+              "gaze_target": "heatmap", **SHARED}
+    assert sample(SPACES["extended"], optuna.trial.FixedTrial(params)) == params
 
 
 def test_paper_space_refuses_what_only_extended_offers():
@@ -76,9 +83,16 @@ def test_paper_points_are_the_eight_configurations_and_fit_each_space(name):
         *((s, g) for s in ("set1", "set2", "set3") for g in ("guided_backprop", "deconvnet")),
     }
     for point in PAPER_POINTS:
-        # a point names exactly the parameters its branch suggests, so nothing is sampled
-        assert sample(get_space(name), optuna.trial.FixedTrial(point)) == point
-        TrialConfig.from_dict(point)
+        # a point names every parameter its branch suggests, so nothing is sampled; in the
+        # paper's space the recipe it names is the space's constant
+        assert sample(get_space(name), optuna.trial.FixedTrial(point)) == (
+            {**point, **PAPER_RECIPE} if name == "paper" else point)
+        cfg = TrialConfig.from_dict(point)
+        # the paper's mask loss and gaze target, wherever the loss set uses them
+        assert (point.get("seg_loss"), point.get("gaze_target")) == {
+            "classifier": (None, None), "baseline": ("bce", "reference"),
+            "set1": (None, "reference"), "set2": ("bce", None), "set3": ("bce", "reference"),
+        }[cfg.loss_set]
 
 
 def test_paper_points_are_queued_first_by_optuna():
@@ -86,7 +100,7 @@ def test_paper_points_are_queued_first_by_optuna():
     for point in PAPER_POINTS:
         study.enqueue_trial(point)
     for point in PAPER_POINTS:
-        assert sample(SPACES["paper"], study.ask()) == point
+        assert sample(SPACES["paper"], study.ask()) == {**point, **PAPER_RECIPE}
 
 
 def test_get_space_names_the_valid_spaces():

@@ -52,6 +52,18 @@ def test_train_every_loss_set(small_cache, tmp_path, loss_set):
     assert final["best/val/auc/mean"] == max(r.metrics["val/auc/mean"] for r in reports)
 
 
+def test_train_with_the_papers_recipe_and_maps_of_every_output(small_cache, tmp_path):
+    """set3 with the paper's mask loss and gaze target, its map term over all three outputs."""
+    reports: list[EpochReport] = []
+    train(quick(small_cache, tmp_path, loss_set="set3", generator="gradient", epochs=1,
+                figures=0, seg_loss="bce", gaze_target="reference", map_outputs="all"),
+          report=reports.append)
+    metrics = reports[0].metrics
+    assert all(math.isfinite(metrics[k]) for k in CONTRACT_KEYS)
+    # BCE against a target in [30/255, 215/255] cannot reach 0, unlike 1 - CC
+    assert 0.3 < metrics["train/mask_gaze"] < 1.5 and 0 <= metrics["train/map_gaze"] <= 2
+
+
 def test_resume_continues_where_it_stopped(small_cache, tmp_path):
     """Interrupted after one of three epochs and resumed: the same numbers as three in one go."""
     straight = []

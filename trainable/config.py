@@ -58,11 +58,19 @@ class TrialConfig:
                              bounds=(0.0, 1e4))
     rrr_lambda: float = key(10.0, "rrr: weight of the input-gradient penalty outside the gaze",
                             bounds=(0.0, 1e6))
+    seg_loss: str = key("cc", "loss of the decoder's mask: cc (1 - Pearson CC) or bce (BCE "
+                        "with logits, the paper's)", choices=("cc", "bce"))
+    gaze_target: str = key("heatmap", "gaze target of the losses: heatmap (as cached) or "
+                           "reference (the dataset authors' viridis-to-grey rendering)",
+                           choices=("heatmap", "reference"))
+    map_outputs: str = key("true_class", "set1/set3/rrr: constrain the map of the true class's "
+                           "output or of every class's output", choices=("true_class", "all"))
     # model
     encoder: str = key("efficientnet-b0", "smp encoder name (e.g. efficientnet-b0, "
                         "tu-resnet10t)", pattern=r"[A-Za-z0-9_.-]+")
-    encoder_weights: str | None = key(None, "None (random init) or a local state-dict file of "
-                                      "the encoder")
+    encoder_weights: str | None = key(None, "None (random init), a weight name smp offers for "
+                                      "the encoder (efficientnet-b0: imagenet, advprop), or a "
+                                      "local encoder state-dict file (.pt, .safetensors)")
     dropout: float = key(0.2, "dropout before the classification head", bounds=(0.0, 1.0),
                          open_high=True)
     # optimisation
@@ -83,7 +91,7 @@ class TrialConfig:
     n_boot: int = key(0, "bootstrap resamples; 0: the protocol's default (2,000; paper: 30)",
                       bounds=(0, 1_000_000))
     boot_protocol: str = key("stratified", "bootstrap: stratified, or the paper's (30 "
-                             "resamples of about 55% of the images)",
+                             "resamples of about 55% of the images, their median as the AUC)",
                              choices=("stratified", "paper"))
     figures: int = key(3, "images per class drawn when the best epoch improves; 0 disables",
                        bounds=(0, 100))
@@ -117,9 +125,28 @@ class TrialConfig:
             why = _out_of_range(getattr(self, f.name), f.metadata)
             if why:
                 raise ConfigError(f"config key {f.name!r} = {getattr(self, f.name)!r}: {why}")
+        _check_encoder_weights(self.encoder, self.encoder_weights)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_encoder_weights(encoder: str, weights: str | None) -> None:
+    """A weight name must be one smp offers for the encoder; anything else must look like a
+    file (a '/' or a suffix), so that a mistyped name is refused here, not as a missing file
+    inside a trial. The file itself is read where the trial runs (it may be on a worker)."""
+    if weights is None:
+        return
+    from trainable.pretrained import weight_names  # imports smp: only for a value to check
+
+    names = weight_names(encoder)
+    if weights in names or "/" in weights or "." in weights:
+        return
+    offered = (f"one smp offers for encoder {encoder!r} ({', '.join(names)})" if names
+               else f"smp offers no named weights for encoder {encoder!r}")
+    raise ConfigError(f"config key 'encoder_weights' = {weights!r}: neither a weight name, "
+                      f"{offered}, nor a weights file (a path with '/' or a suffix such as "
+                      f".pt), nor None")
 
 
 def _out_of_range(value, meta) -> str | None:

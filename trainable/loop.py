@@ -29,7 +29,7 @@ from trainable.augment import random_affine
 from trainable.config import CLASS_NAMES, METRIC, ConfigError, TrialConfig
 from trainable.errors import DivergedError, OutOfGpuMemory
 from trainable.files import check_writable
-from trainable.loss_sets import LOSS_SETS
+from trainable.loss_sets import LOSS_SETS, applies
 from trainable.model import build_model, calibrate_batchnorm, split_outputs
 
 
@@ -203,22 +203,50 @@ class DeviceData:
 def compute_terms(model, x, y, gaze, cfg: TrialConfig) -> dict[str, torch.Tensor]:
     """The named loss terms of one batch (train-mode forward first, then any saliency map)."""
     from trainable.generators import saliency
-    from trainable.losses import loss_terms
+    from trainable.losses import loss_terms, reference_gaze_target
 
     spec = LOSS_SETS[cfg.loss_set]
     mask, logits = split_outputs(model(x))
-    target = y.argmax(1)
     gen_map = input_grad = None
     # The map passes run after the train-mode forward: they read the BatchNorm running
     # statistics that forward has just updated, and nothing mutates them afterwards.
     if spec.uses_map:
-        gen_map = saliency(model, x, target, cfg.generator,
+        images, target = map_batch(x, y, cfg)
+        gen_map = saliency(model, images, target, cfg.generator,
                            create_graph=spec.trains_through_map)
     elif spec.input_gradient:
-        input_grad = saliency(model, x, target, "gradient", create_graph=True)
+        images, target = map_batch(x, y, cfg)
+        input_grad = saliency(model, images, target, "gradient", create_graph=True)
+    if applies("gaze_target", cfg.loss_set) and cfg.gaze_target == "reference":
+        # After augmentation: a heatmap warped with zero fill, then rendered, gets the grey of
+        # "no gaze" outside the image, as a rendered zero would.
+        gaze = reference_gaze_target(gaze)
     return loss_terms(cfg.loss_set, logits=logits, labels=y, mask_logits=mask, gen_map=gen_map,
                       gaze=gaze, input_grad=input_grad, r=cfg.r, weight=cfg.loss_weight,
-                      rrr_lambda=cfg.rrr_lambda)
+                      rrr_lambda=cfg.rrr_lambda, seg_loss=cfg.seg_loss)
+
+
+def map_batch(x, y, cfg: TrialConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and target classes of the saliency maps a step constrains.
+
+    `map_outputs=true_class`: one map per image, of its label's output. `all`: one map per
+    image and class, the batch stacked K times class-major (class 0 for every image, then
+    class 1, ...) in one saliency call; maps are taken with eval-mode normalisation, so each
+    is the map of its own image and stacking changes none of them.
+
+    Why every output's own map rather than the map of one summed score (such as Ross et al.'s
+    summed log-probabilities): the classes are independent sigmoids, each scored one-vs-rest,
+    and the gradient of a sum can cancel between outputs (evidence for one class and against
+    another in the same region), so a summed map that agrees with the gaze leaves each output
+    free to look elsewhere. The price: the map part of a step costs K times as much.
+
+    Shape:
+        x [B, C, H, W], y [B, K] one-hot -> images [B or K * B, C, H, W], target [B or K * B].
+    """
+    if not applies("map_outputs", cfg.loss_set) or cfg.map_outputs == "true_class":
+        return x, y.argmax(1)
+    classes = torch.arange(y.shape[1], device=y.device)
+    return x.repeat(y.shape[1], 1, 1, 1), classes.repeat_interleave(x.shape[0])
 
 
 def train_one_epoch(model, data: DeviceData, optimizer, cfg: TrialConfig, gen, epoch: int) -> dict:

@@ -42,20 +42,22 @@ LOSS_SETS: dict[str, LossSet] = {s.name: s for s in (
             decoder=False, input_gradient=False, keys=()),
     LossSet("baseline", "the decoder's mask is trained towards the gaze heatmap",
             terms=("mask_gaze",), uses_map=False, trains_through_map=False, uses_mask=True,
-            decoder=True, input_gradient=False, keys=("loss_weight",)),
+            decoder=True, input_gradient=False,
+            keys=("loss_weight", "seg_loss", "gaze_target")),
     LossSet("set1", "the generator's map is trained towards the gaze heatmap",
             terms=("map_gaze",), uses_map=True, trains_through_map=True, uses_mask=False,
-            decoder=True, input_gradient=False, keys=("generator", "loss_weight")),
+            decoder=True, input_gradient=False,
+            keys=("generator", "loss_weight", "gaze_target", "map_outputs")),
     LossSet("set2", "the decoder's mask is trained towards the generator's map (a fixed target)",
             terms=("mask_map",), uses_map=True, trains_through_map=False, uses_mask=True,
-            decoder=True, input_gradient=False, keys=("generator", "loss_weight")),
+            decoder=True, input_gradient=False, keys=("generator", "loss_weight", "seg_loss")),
     LossSet("set3", "r * baseline's mask term + (1 - r) * set1's map term",
             terms=("mask_gaze", "map_gaze"), uses_map=True, trains_through_map=True,
             uses_mask=True, decoder=True, input_gradient=False,
-            keys=("generator", "r", "loss_weight")),
+            keys=("generator", "r", "loss_weight", "seg_loss", "gaze_target", "map_outputs")),
     LossSet("rrr", "right for the right reasons: input-gradient energy outside the gaze",
             terms=("rrr",), uses_map=False, trains_through_map=False, uses_mask=False,
-            decoder=True, input_gradient=True, keys=("rrr_lambda",)),
+            decoder=True, input_gradient=True, keys=("rrr_lambda", "map_outputs")),
 )}
 
 # The keys that apply to some loss sets only; every other config key applies to all of them.
@@ -66,9 +68,12 @@ def applies(key: str, loss_set: str) -> bool:
     """Whether config `key` matters to the training of a `loss_set` trial.
 
     Every shared key does; a set-specific key (`SET_KEYS`: generator, r, loss_weight,
-    rrr_lambda) only for the sets that list it: no generator for classifier, baseline and rrr,
-    `r` only for set3. (`generator` still names the map that `val/map/*` and the figures
-    measure for every set.)
+    rrr_lambda, seg_loss, gaze_target, map_outputs) only for the sets that list it: no
+    generator for classifier, baseline and rrr, `r` only for set3, `seg_loss` where a mask is
+    trained (baseline, set2, set3), `gaze_target` where the gaze heatmap is a loss's target
+    (baseline, set1, set3; rrr only thresholds it into a region), `map_outputs` where a map of
+    the classifier is constrained (set1, set3, rrr). (`generator` still names the map that
+    `val/map/*` and the figures measure for every set.)
 
     Raises:
         KeyError: an unknown loss set.

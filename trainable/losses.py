@@ -15,9 +15,16 @@ is `map_alignment`, 1 - Pearson CC, so that Set 3's ratio r mixes comparable qua
 
 with mask_gaze = L(sigmoid(M), E), map_gaze = L(G, E), mask_map = L(sigmoid(M), G.detach()).
 Each set's terms and what they need are in the registry, `trainable.loss_sets.LOSS_SETS`.
+
+The paper's recipe is available beside these defaults: `seg_loss="bce"` trains the mask terms
+with BCE-with-logits (`mask_loss`), `reference_gaze_target` renders E as the dataset authors'
+target, and G may hold the maps of every class's output (`map_outputs=all`, stacked by
+`trainable.loop.compute_terms`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +106,66 @@ def _centred(m: Tensor) -> Tensor:
     return m - m.mean((1, 2, 3), keepdim=True)
 
 
+def mask_loss(mask_logits: Tensor, target: Tensor, seg_loss: str = "cc") -> Tensor:
+    """The decoder mask's loss against a target map: "cc" or the paper's "bce".
+
+    "cc": `map_alignment` of sigmoid(M). "bce": BCE-with-logits of M against the target as it
+    is (values in [0, 1]; not rescaled, so the reference target keeps its grey levels), the
+    mean over pixels and images, as the paper and the dataset authors' U-Net train the mask.
+    In float32, also under bf16 autocast.
+
+    Shape:
+        mask_logits [B, 1, H, W], target [B, 1, H, W] -> scalar.
+    """
+    if seg_loss == "cc":
+        return map_alignment(torch.sigmoid(mask_logits.float()), target)
+    if seg_loss != "bce":
+        raise ValueError(f"seg_loss: {seg_loss!r} is not one of cc, bce")
+    with torch.autocast(mask_logits.device.type, enabled=False):
+        return F.binary_cross_entropy_with_logits(mask_logits.float(), target.float())
+
+
+def reference_gaze_target(gaze: Tensor) -> Tensor:
+    """The cached heatmap rendered as the dataset authors' training target (`gaze_target=
+    reference`): viridis, 8-bit, then PIL's grey, `trainable.data.heatmaps.
+    reference_rendering_lut`.
+
+    Why a transform of the cached heatmap is their target: both start from the same min-max
+    scaled heatmap, and the rendering is a per-pixel table lookup, so at the same resolution
+    this is their PNG-and-grey pipeline bit for bit. They render at full DICOM resolution and
+    then resize to 224 px; the cache resizes first. Resizing (a local average) and the smooth,
+    monotone colour table nearly commute on a map blurred over about 11 output pixels
+    (sigma 150 original pixels), so the two differ by far less than the 1/255 steps of the PNG.
+
+    Shape:
+        gaze [B, 1, H, W] in [0, 1] -> [B, 1, H, W] in [30/255, 215/255], float32.
+    """
+    lut = torch.from_numpy(_reference_lut()).to(gaze.device)
+    levels = (gaze.detach().float() * 256).long().clamp(0, 255)  # matplotlib's binning
+    return lut[levels]
+
+
+@functools.cache
+def _reference_lut():
+    from trainable.data.heatmaps import reference_rendering_lut
+
+    return reference_rendering_lut()
+
+
+def gaze_per_map(gaze: Tensor, maps: Tensor) -> Tensor:
+    """The gaze heatmap of each map: with `map_outputs=all` the maps of the K outputs are
+    stacked class-major ([K * B], see `trainable.loop.compute_terms`), so E is tiled K times.
+
+    Shape:
+        gaze [B, 1, H, W], maps [K * B, C, H, W] -> [K * B, 1, H, W].
+    """
+    times, rest = divmod(maps.shape[0], gaze.shape[0])
+    if rest or times == 0:
+        raise ValueError(f"{maps.shape[0]} maps for {gaze.shape[0]} gaze heatmaps: expected a "
+                         f"multiple (one map per image and output)")
+    return gaze.repeat(times, 1, 1, 1) if times > 1 else gaze
+
+
 def rrr_penalty(input_grad: Tensor, gaze: Tensor, threshold: float = 0.1) -> Tensor:
     """"Right for the right reasons" (Ross et al. 2017): input-gradient energy outside the gaze.
 
@@ -133,19 +200,23 @@ def rrr_penalty(input_grad: Tensor, gaze: Tensor, threshold: float = 0.1) -> Ten
 def loss_terms(loss_set: str, *, logits: Tensor, labels: Tensor,
                mask_logits: Tensor | None = None, gen_map: Tensor | None = None,
                gaze: Tensor | None = None, input_grad: Tensor | None = None, r: float = 0.5,
-               weight: float = 1.0, rrr_lambda: float = 10.0) -> dict[str, Tensor]:
+               weight: float = 1.0, rrr_lambda: float = 10.0,
+               seg_loss: str = "cc") -> dict[str, Tensor]:
     """The named terms of a loss set and their weighted "total".
 
     Args:
         loss_set: a key of `trainable.loss_sets.LOSS_SETS`.
         logits: class logits [B, 3]; labels: one-hot float [B, 3].
         mask_logits: the decoder's mask logits M [B, 1, H, W] (baseline, set2, set3).
-        gen_map: the generator map G [B, C, H, W] (set1, set3 differentiable; set2 any).
+        gen_map: the generator map G [B, C, H, W] (set1, set3 differentiable; set2 any); for
+            set1/set3 also [K * B, C, H, W], the maps of K outputs (`gaze_per_map`).
         gaze: the gaze heatmap E [B, 1, H, W] (all but classifier and set2).
-        input_grad: the plain input gradient, differentiable (rrr).
+        input_grad: the plain input gradient, differentiable (rrr); [B, C, H, W], or
+            [K * B, C, H, W] as gen_map.
         r: set3's share of the mask term.
         weight: weight of the heatmap terms against cls.
         rrr_lambda: weight of the rrr term.
+        seg_loss: the mask terms' loss, "cc" or "bce" (`mask_loss`).
 
     Returns:
         {"cls": ..., <the set's terms>..., "total": ...}, scalar tensors.
@@ -162,16 +233,19 @@ def loss_terms(loss_set: str, *, logits: Tensor, labels: Tensor,
     terms = {"cls": classification(logits, labels)}
     for term in spec.terms:
         if term == "mask_gaze":
-            mask = torch.sigmoid(need("mask_logits", mask_logits).float())
-            terms[term] = map_alignment(mask, need("gaze", gaze))
+            terms[term] = mask_loss(need("mask_logits", mask_logits), need("gaze", gaze),
+                                    seg_loss)
         elif term == "map_gaze":
-            terms[term] = map_alignment(need("gen_map", gen_map), need("gaze", gaze))
+            g = need("gen_map", gen_map)
+            terms[term] = map_alignment(g, gaze_per_map(need("gaze", gaze), g))
         elif term == "mask_map":
-            mask = torch.sigmoid(need("mask_logits", mask_logits).float())
-            # The map is the target: Set 2 trains the decoder towards it, not the map.
-            terms[term] = map_alignment(mask, need("gen_map", gen_map).detach())
+            # The map is the target: Set 2 trains the decoder towards it, not the map. As
+            # |G| / max |G| in [0, 1], a target BCE can take (CC is invariant to the scaling).
+            target = normalise_map(need("gen_map", gen_map).detach())
+            terms[term] = mask_loss(need("mask_logits", mask_logits), target, seg_loss)
         else:
-            terms[term] = rrr_penalty(need("input_grad", input_grad), need("gaze", gaze))
+            g = need("input_grad", input_grad)
+            terms[term] = rrr_penalty(g, gaze_per_map(need("gaze", gaze), g))
 
     terms["total"] = terms["cls"] + _heatmap_loss(spec, terms, r, weight, rrr_lambda)
     return terms

@@ -1,9 +1,11 @@
 """The network of a trial: an smp U-Net whose encoder bottleneck also feeds a 3-class head
 (only the encoder and head for a loss set without a decoder, `LossSet.decoder`).
 
-Inputs are 1-channel radiographs in [0, 1]. With pretrained encoder weights (from a local file;
-nothing is downloaded) the input is repeated to 3 channels and ImageNet-normalised inside the
-model, so saliency maps stay maps of the 1-channel image the user sees.
+Inputs are 1-channel radiographs in [0, 1]. With pretrained encoder weights (a name smp offers,
+loaded by smp from the Hugging Face cache or Hub, `trainable.pretrained`; or a local file) the
+input is repeated to 3 channels and normalised as those weights were trained, inside the model:
+checkpoints, `trainable.inference` and the exported MLflow model then all take [0, 1] images,
+and saliency maps stay maps of the 1-channel image the user sees.
 """
 
 from __future__ import annotations
@@ -16,18 +18,27 @@ from torch import nn
 from trainable.config import TrialConfig
 from trainable.errors import GazetuneError
 from trainable.loss_sets import LOSS_SETS
+from trainable.pretrained import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_fetchable,
+    input_statistics,
+    is_named,
+)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
+class GrayToPretrainedInput(nn.Module):
+    """[B, 1, H, W] in [0, 1] → [B, 3, H, W] normalised like the encoder's pretraining data.
 
-class GrayToImageNet(nn.Module):
-    """[B, 1, H, W] in [0, 1] → [B, 3, H, W] normalised like the ImageNet pretraining data."""
+    The statistics are buffers, not parameters: fixed (no optimiser sees them) and saved in
+    every checkpoint, so a model rebuilt without fetching the weights normalises alike. One
+    grey channel repeated makes RGB and BGR orders the same input.
+    """
 
-    def __init__(self):
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, x):
         return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
@@ -66,7 +77,8 @@ def build_model(cfg: TrialConfig, load_encoder_weights: bool = True) -> nn.Modul
     without a decoder (`classifier`).
 
     `load_encoder_weights=False` builds the same network without reading `cfg.encoder_weights`
-    (a checkpoint's state dict replaces them anyway, and the file may be on another machine).
+    (a checkpoint's state dict replaces them and the input statistics anyway, and the file may
+    be on another machine, the Hub out of reach).
 
     Shape:
         x: [B, 1, H, W] with H, W multiples of 32; mask_logits [B, 1, H, W]; logits [B, 3].
@@ -74,10 +86,16 @@ def build_model(cfg: TrialConfig, load_encoder_weights: bool = True) -> nn.Modul
     import segmentation_models_pytorch as smp
 
     pretrained = cfg.encoder_weights is not None
+    named = is_named(cfg.encoder, cfg.encoder_weights)
+    transform = GrayToPretrainedInput()  # ImageNet's statistics: a local file records none
+    if named and load_encoder_weights:
+        check_fetchable(cfg.encoder, cfg.encoder_weights)  # one line, not smp's 20 s of retries
+        transform = GrayToPretrainedInput(*input_statistics(cfg.encoder, cfg.encoder_weights))
     try:
         unet = smp.Unet(
             cfg.encoder,
-            encoder_weights=None,
+            # smp's own loading (hf_hub_download, then the encoder's load_state_dict)
+            encoder_weights=cfg.encoder_weights if named and load_encoder_weights else None,
             in_channels=3 if pretrained else 1,
             classes=1,
             aux_params={"classes": 3, "pooling": "avg", "dropout": cfg.dropout,
@@ -85,7 +103,7 @@ def build_model(cfg: TrialConfig, load_encoder_weights: bool = True) -> nn.Modul
         )
     except (KeyError, ValueError) as err:
         raise GazetuneError(f"config key 'encoder' = {cfg.encoder!r}: {err}") from None
-    if pretrained and load_encoder_weights:
+    if pretrained and not named and load_encoder_weights:
         _load_encoder_weights(unet.encoder, Path(cfg.encoder_weights))
     # EfficientNet's BatchNorm momentum is 0.01 (TensorFlow's 0.99 decay): after the few hundred
     # steps of a short trial the running statistics are still mostly their initial values, and
@@ -100,15 +118,21 @@ def build_model(cfg: TrialConfig, load_encoder_weights: bool = True) -> nn.Modul
         if LOSS_SETS[cfg.loss_set].decoder
         else EncoderClassifier(unet.encoder, unet.classification_head)
     )
-    return WithInputTransform(GrayToImageNet(), net) if pretrained else net
+    return WithInputTransform(transform, net) if pretrained else net
 
 
 def _load_encoder_weights(encoder: nn.Module, path: Path) -> None:
-    """Load a local encoder state dict (never unpickles arbitrary objects)."""
+    """Load a local encoder state dict (never unpickles arbitrary objects): a torch file, or a
+    `.safetensors` file such as the `model.safetensors` smp downloads for named weights."""
     if not path.is_file():
         raise GazetuneError(f"config key 'encoder_weights': no such file {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (any reader error: one line naming the file)
         raise GazetuneError(f"encoder weights {path}: cannot be read as a state dict "
                             f"({err})") from None

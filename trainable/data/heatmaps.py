@@ -149,6 +149,27 @@ def reference_static_heatmap(
     return np.asarray(resized, dtype=np.float32)
 
 
+def reference_rendering_lut() -> np.ndarray:
+    """The grey level the dataset authors' training target takes for each of 256 heatmap levels.
+
+    Their pipeline saves the min-max scaled heatmap with `matplotlib.pyplot.imsave` (viridis, 8
+    bits per channel), reads the PNG back as RGB and converts it to grey with PIL (ITU-R 601
+    luma), then divides by 255. Level i holds the heatmap values in [i / 256, (i + 1) / 256)
+    (1.0 in level 255), as matplotlib bins them. The same two libraries compute the table here,
+    so it is their rounding, not a copy of it. The result runs from 30/255 where no one looked
+    to 215/255 at the peak, monotone in between.
+
+    Shape:
+        -> [256] float32 in [0, 1].
+    """
+    import matplotlib
+    from PIL import Image
+
+    colours = matplotlib.colormaps["viridis"](np.arange(256), bytes=True)[:, :3]
+    grey = Image.fromarray(colours[None].astype(np.uint8), "RGB").convert("L")
+    return np.asarray(grey, dtype=np.float32)[0] / 255
+
+
 def _axis_weights(points, shape, sigma, out_size) -> tuple[np.ndarray, np.ndarray]:
     """Per-axis Gaussian weights of each point at each output row and column.
 
