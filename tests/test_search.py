@@ -98,6 +98,11 @@ def test_describe_says_the_method_first():
     assert describe({"loss_set": "set3", "generator": "deconvnet", "r": 0.25, "lr": 0.000123}) \
         == "set3/deconvnet r=0.25 lr=0.000123"
     assert describe({"loss_set": "classifier", "dropout": 0.5}) == "classifier dropout=0.5"
+    # a space's constant shows only where it does something
+    assert describe({"loss_set": "classifier", "dropout": 0.5, "seg_loss": "bce"}) == \
+        "classifier dropout=0.5"
+    assert describe({"loss_set": "set1", "generator": "deconvnet", "seg_loss": "bce",
+                     "gaze_target": "reference"}) == "set1/deconvnet gaze_target=reference"
 
 
 def test_cli_names_the_bad_setting(tmp_path):
