@@ -43,7 +43,7 @@ def test_demo_refuses_a_folder_that_holds_a_demo(tmp_path):
 DEMO_TEST_AUC, DEMO_TEST_LOWER = 0.85, 0.75
 
 
-@pytest.mark.slow  # the README's demo, full size: 6-10 minutes on the 2-core machine
+@pytest.mark.slow  # the README's demo, full size: 10-13 minutes on the 2-core machine
 def test_the_readme_demo_in_a_fresh_clone(tmp_path):
     """`gazetune demo` with a fresh clone of this repository as the working directory."""
     repo = Path(__file__).resolve().parents[1]
@@ -112,6 +112,10 @@ def test_the_readme_demo_in_a_fresh_clone(tmp_path):
     client = MlflowClient(uri)
     items = json.loads((report / BEST_CONFIGS).read_text())
     assert len(items) == min(10, TRIALS)  # the top ten, best first
+    # The test table of the paper's eight configurations, each against the classifier.
+    table = (report / "configurations.md").read_text()
+    assert table.count("| set") == 6 and "| baseline |" in table
+    assert "| classifier | 1 (epoch " in table and "| reference |" in table
     for item in items:
         history = {m.step: m.value for m in client.get_metric_history(item["run_id"],
                                                                       "val/auc/mean")}
@@ -125,8 +129,8 @@ def test_the_readme_demo_in_a_fresh_clone(tmp_path):
     assert_metric_shape(evaluation["test"])
     for png in (report / "figures").glob("*.png"):
         assert_png(png)
-    assert {"summary.md", "evaluation.md", BEST_CONFIGS, "evaluation.json"} <= {
-        p.name for p in report.iterdir()}
+    assert {"summary.md", "evaluation.md", BEST_CONFIGS, "evaluation.json",
+            "configurations.md", "configurations.json"} <= {p.name for p in report.iterdir()}
     # Everything the demo wrote, apart from the synthetic release it made itself: Tune's
     # storage, the MLflow store and artifacts, the report hold no release identifier and no
     # cache uid; the cache holds its uids (its keys, salted hashes) and nothing else.

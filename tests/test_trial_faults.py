@@ -62,7 +62,10 @@ def test_diverged_trial_fails_at_once_and_is_never_the_best(small_cache, tmp_pat
     assert run.info.run_id not in {item["run_id"] for item in best}
 
 
-@pytest.mark.slow
+# Under soak, for CI's time: a trial's exception retried from its checkpoint is CI's SIGKILL
+# case in test_resume.py (the same retry), Tune's retries of an exception the diverged case
+# above, and the out-of-memory line is checked without Ray below.
+@pytest.mark.soak
 def test_trial_out_of_memory_once_is_retried_from_its_checkpoint(small_cache, tmp_path, faults):
     counters = faults("oom", 1, epoch=2)
     summary, _, (run, steps) = two_trial_search(small_cache, tmp_path, "oom-once",
@@ -74,8 +77,7 @@ def test_trial_out_of_memory_once_is_retried_from_its_checkpoint(small_cache, tm
     assert (read_count(counters / "faults"), read_count(counters / "trainings")) == (1, 2)
 
 
-# The out-of-memory fault's CI case is the one above (retried once); failing after every retry
-# is max_failures' case in test_resume.py, and the message is checked without Ray below.
+# Failing after every retry is max_failures' case in test_resume.py.
 @pytest.mark.soak
 def test_trial_out_of_memory_every_time_fails_with_what_to_change(small_cache, tmp_path,
                                                                   faults):
