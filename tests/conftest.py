@@ -61,6 +61,20 @@ def small_cache(small_dataset, tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def cache90(tmp_path_factory) -> Path:
+    """90 synthetic images at 64 px: a test split of 10 with every class (3 / 5 / 2), for test
+    AUCs (the 60-image cache's test split has no pneumonia)."""
+    from synthetic.release import synthesize
+    from trainable.data.cache import prepare
+
+    root = tmp_path_factory.mktemp("cache90")
+    synthesize(root / "release", n_images=90, seed=0, verbose=False)
+    prepare(egd_root=root / "release" / "egd-cxr", mimic_root=root / "release" / "mimic-cxr",
+            cache=root / "cache", size=64, workers=1, sigma=20.0)
+    return root / "cache"
+
+
 @pytest.fixture
 def faults(tmp_path, monkeypatch):
     """Faults for the trials of a search run with `helpers.faulty_trial` as its trainable:

@@ -72,19 +72,6 @@ FRESH = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def cache90(tmp_path_factory):
-    """90 synthetic images at 64 px: a test split of 10 with every class (3 / 5 / 2)."""
-    from synthetic.release import synthesize
-    from trainable.data.cache import prepare
-
-    root = tmp_path_factory.mktemp("cache90")
-    synthesize(root / "release", n_images=90, seed=0, verbose=False)
-    prepare(egd_root=root / "release" / "egd-cxr", mimic_root=root / "release" / "mimic-cxr",
-            cache=root / "cache", size=64, workers=1, sigma=20.0)
-    return root / "cache"
-
-
-@pytest.fixture(scope="module")
 def registered(cache90, mlflow_server, tmp_path_factory):
     """The study on the server, exported with `--register` by the command line (in this
     process: `search.cli.main`), then evaluated; (workdir, uri, export's stdout, evaluation,

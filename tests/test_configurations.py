@@ -43,21 +43,6 @@ ORDER = ["classifier", "baseline", "set2/gradient"]
 
 
 @pytest.fixture(scope="module")
-def cache90(tmp_path_factory):
-    """90 synthetic images at 64 px: a test split of 10 with every class (3 / 5 / 2), so that
-    the mean AUC is defined (the session's 60-image cache has no pneumonia in its test split).
-    """
-    from synthetic.release import synthesize
-    from trainable.data.cache import prepare
-
-    root = tmp_path_factory.mktemp("cache90")
-    synthesize(root / "release", n_images=90, seed=0, verbose=False)
-    prepare(egd_root=root / "release" / "egd-cxr", mimic_root=root / "release" / "mimic-cxr",
-            cache=root / "cache", size=64, workers=1, sigma=20.0)
-    return root / "cache"
-
-
-@pytest.fixture(scope="module")
 def study(cache90, tmp_path_factory):
     """The study in the embedded store of a work folder, its table written once."""
     workdir = tmp_path_factory.mktemp("configurations")
