@@ -75,8 +75,9 @@ def _check_fixed(space: Callable, settings: SearchSettings) -> None:
         except ValueError as err:  # a fixed value outside the space's choices
             raise ConfigError(f"--set {settings.fixed}: not in space {settings.space!r}: "
                               f"{err}") from None
-        # Optuna never asks the sampler about a categorical of one choice (the paper space's
-        # recipe), so a fixed value there would be dropped without a word.
+        # A space's constants (the paper space's recipe) win over fixed settings, and Optuna
+        # never asks the sampler about a categorical of one choice: a fixed value there would
+        # be dropped without a word.
         for key, value in sampled.items():
             if key in settings.fixed and settings.fixed[key] != value:
                 raise ConfigError(f"--set {key}={settings.fixed[key]}: space "

@@ -57,15 +57,15 @@ def _train(args) -> int:
     from trainable.config import TrialConfig, parse_overrides
     from trainable.data.cache import data_origin
     from trainable.loop import check_inputs
-    from trainable.pretrained import check_available, default_weights
+    from trainable.pretrained import check_available, with_default_weights
 
     check_name(args.experiment, "--experiment")
     config = parse_overrides(args.overrides)
     cfg = TrialConfig.from_dict(config)
     check_inputs(cfg)  # before MLflow opens a run
-    if "encoder_weights" not in config:  # imagenet for a cache of the real release
-        config["encoder_weights"] = default_weights(data_origin(cfg.cache), cfg.encoder)
-    check_available(cfg.encoder, config["encoder_weights"])
+    # imagenet for a cache of the real release
+    config = with_default_weights(config, data_origin(cfg.cache), cfg.encoder)
+    check_available(cfg.encoder, config.get("encoder_weights"))
     from search.tracking import train_logged
 
     train_logged(config, experiment=args.experiment, tracking_uri=args.tracking_uri)

@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from search import tracking
-from search.evaluate import check_n_boot, evaluate_checkpoint, load_trial, resamples
+from search.evaluate import (
+    bootstrap_wording,
+    check_n_boot,
+    evaluate_checkpoint,
+    load_trial,
+    resamples,
+)
 from search.names import check_name
 from search.reporting import (
     CONFIGURATIONS_JSON,
@@ -79,7 +85,7 @@ def evaluate_configurations(name: str, protocol: str = "stratified",
     for trial, state, cfg in loaded:
         metrics, _, counts, predictions = evaluate_checkpoint(state, cfg, panels=False)
         scored.append((trial, cfg, metrics, predictions))
-        print(f"{configuration(trial)}: trial {trial.number}, test mean AUC "
+        print(f"{trial.label}: trial {trial.number}, test mean AUC "
               f"{format_auc(evaluation_scores(metrics)['mean'])}")
     result = _result(name, scored, counts, protocol)
     _chart(result, out / FIGURES / CONFIGURATIONS_PNG)
@@ -87,11 +93,6 @@ def evaluate_configurations(name: str, protocol: str = "stratified",
     print(f"test table of {len(scored)} configurations of study {name!r}: "
           f"{out / CONFIGURATIONS_MD}")
     return result
-
-
-def configuration(trial) -> str:
-    """"set3/guided_backprop", or the loss set alone when it computes no map."""
-    return "/".join(p for p in trial.method if p)
 
 
 def best_of_each(ranked: list) -> list:
@@ -120,7 +121,7 @@ def _result(name: str, scored: list, counts: dict, protocol: str) -> dict:
     rows = []
     for trial, cfg, metrics, predictions in scored:
         rows.append({
-            "configuration": configuration(trial), "loss_set": trial.method[0],
+            "configuration": trial.label, "loss_set": trial.method[0],
             "generator": trial.method[1], "run_id": trial.run_id, "trial": trial.number,
             "epoch": trial.epoch, "pruned": trial.pruned, "seed": cfg.seed,
             "checkpoint_uri": checkpoint_uri(trial.run_id),
@@ -216,9 +217,7 @@ def _signed(value: list) -> str:
 def configurations_markdown(result: dict) -> str:
     """configurations.md: the paper's table shape, plus the paired differences."""
     images, reference = result["images"], result["reference"]
-    boot = ("stratified bootstrap" if result["protocol"] == "stratified"
-            else "the paper's bootstrap (resamples of 55% of the images, their median as the "
-                 "AUC)")
+    boot = bootstrap_wording(result["protocol"])
     if reference is None:
         against = ("**No classifier-only trial in this study: there is no reference to compare "
                    "with**, so the last column is empty.")

@@ -82,7 +82,7 @@ def evaluate_study(name: str, run_id: str | None = None, protocol: str = "strati
 
     result = {
         "study": name, "run_id": trial.run_id, "trial": trial.number,
-        "method": "/".join(p for p in trial.method if p), "epoch": trial.epoch,
+        "method": trial.label, "epoch": trial.epoch,
         "checkpoint_uri": checkpoint_uri(trial.run_id), "split": "test",
         "images": counts, "protocol": protocol, "n_boot": resamples(cfg), "alpha": 0.05,
         "seed": cfg.seed, "test": evaluation_scores(metrics), "val": trial.val,
@@ -242,6 +242,12 @@ def _agreement(metrics: dict) -> dict:
     return out
 
 
+def bootstrap_wording(protocol: str) -> str:
+    """How a test report names its bootstrap protocol."""
+    return ("stratified bootstrap" if protocol == "stratified"
+            else "the paper's bootstrap (resamples of 55% of the images, their median as the AUC)")
+
+
 def resamples(cfg: TrialConfig) -> int:
     from trainable.metrics import DEFAULT_N_BOOT
 
@@ -291,9 +297,7 @@ def evaluation_markdown(result: dict) -> str:
     """evaluation.md: test AUCs beside the validation ones and the paper's, map agreement."""
     images = result["images"]
     method = tuple(result["method"].split("/")) + ((None,) if "/" not in result["method"] else ())
-    boot = ("stratified bootstrap" if result["protocol"] == "stratified"
-            else "the paper's bootstrap (resamples of 55% of the images, their median as the "
-                 "AUC)")
+    boot = bootstrap_wording(result["protocol"])
     lines = [
         f"# Test evaluation of study `{result['study']}`",
         "",

@@ -231,9 +231,8 @@ def summary_markdown(name: str, trials: list[Trial], rows: list[Row], searched: 
     for t in trials:
         params = ", ".join(f"{k}={_short(v)}" for k, v in searched.get(t.run_id, {}).items()
                            if k not in ("loss_set", "generator"))
-        method = "/".join(p for p in t.method if p)
         score = "–" if t.score is None else f"{t.score:.3f} (epoch {t.epoch})"
-        lines.append(f"| {t.number} | {method} | {params or '–'} | {t.state.lower()} | "
+        lines.append(f"| {t.number} | {t.label} | {params or '–'} | {t.state.lower()} | "
                      f"{t.epochs} | {score} |")
     best_line = (f"Best trial: {best.number}, MLflow run `{best.run_id}`, checkpoint "
                  f"`{checkpoint_uri(best.run_id)}`." if best else "")

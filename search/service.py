@@ -27,9 +27,9 @@ from search.settings import DEFAULTS, SearchSettings, load_settings
 from search.storage import is_uri, remove
 from search.trial import OUTAGE_FILE, TrialRunCloser, TrialSetup, tracking_outage, trial_fn
 from spaces import PAPER_POINTS, get_space
+from trainable import pretrained
 from trainable.config import METRIC, TrialConfig
 from trainable.data.cache import data_origin
-from trainable.pretrained import default_weights
 
 
 @dataclass(frozen=True)
@@ -108,15 +108,12 @@ def resume_search(name: str, storage: str = DEFAULTS.storage,
 
 def with_default_weights(settings: SearchSettings) -> SearchSettings:
     """`encoder_weights` fixed to its default for the cache (`trainable.pretrained.
-    default_weights`: imagenet for the real release) unless `--set` gives it. Fixed, so that it
-    is saved with the settings (a resume trains alike) and every trial's params show it."""
-    if "encoder_weights" in settings.fixed:
-        return settings
+    with_default_weights`: imagenet for the real release) unless `--set` gives it. Fixed, so
+    that it is saved with the settings (a resume trains alike) and every trial's params show
+    it."""
     encoder = settings.fixed.get("encoder", TrialConfig.encoder)
-    weights = default_weights(data_origin(settings.cache), encoder)
-    if weights is None:  # the trials' own default: nothing to fix
-        return settings
-    return dataclasses.replace(settings, fixed={**settings.fixed, "encoder_weights": weights})
+    return dataclasses.replace(settings, fixed=pretrained.with_default_weights(
+        settings.fixed, data_origin(settings.cache), encoder))
 
 
 def _close_lost_runs(settings: SearchSettings) -> None:
@@ -147,6 +144,8 @@ def _close_lost_runs(settings: SearchSettings) -> None:
 
 def _new_tuner(settings: SearchSettings, trainable: Callable | None):
     sampler = tpe_sampler(settings.seed)
+    # Optuna queues each point as a waiting trial: no more than the search will run.
+    points = [dict(p) for p in PAPER_POINTS[:settings.samples]] if settings.paper_points else []
     if settings.fixed:
         # A fixed setting that the space searches is fixed in Optuna too, so the study
         # records what the trial really used (`--set loss_set=set3` narrows the search).
@@ -154,14 +153,11 @@ def _new_tuner(settings: SearchSettings, trainable: Callable | None):
     searcher = PruningAwareOptunaSearch(
         space=get_space(settings.space), metric=METRIC, mode="max", sampler=sampler,
         study_name=settings.name, max_t=settings.max_epochs,
-        # Optuna queues each point as a waiting trial: no more than the search will run.
-        points_to_evaluate=([dict(p) for p in PAPER_POINTS[:settings.samples]]
-                            if settings.paper_points else None),
+        points_to_evaluate=points or None,
     )
     # The points queued above run their whole budget: ASHA judges only the sampled trials.
     scheduler = asha(settings.max_epochs, settings.grace_period, settings.reduction_factor,
-                     paper_points=(len(PAPER_POINTS[:settings.samples])
-                                   if settings.paper_points else 0))
+                     paper_points=len(points))
     return tune.Tuner(
         _trainable(settings, trainable),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher,

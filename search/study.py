@@ -54,6 +54,11 @@ class Trial:
         generator = self.params.get("generator", "guided_backprop")
         return loss_set, generator if LOSS_SETS[loss_set].uses_map else None
 
+    @property
+    def label(self) -> str:
+        """"set3/guided_backprop", or the loss set alone when it computes no map."""
+        return "/".join(p for p in self.method if p)
+
     def config(self) -> dict:
         """The trial's config, typed (params are strings); the scratch folder left out."""
         config = typed_config(self.params)

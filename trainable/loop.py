@@ -118,7 +118,8 @@ def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
 
     data = DeviceData(cache, device)
-    model = build_model(cfg).to(device)
+    # Resumed, the checkpoint holds the weights and input statistics: nothing to fetch.
+    model = build_model(cfg, load_encoder_weights=resume_from is None).to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(cfg, model)

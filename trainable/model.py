@@ -87,15 +87,16 @@ def build_model(cfg: TrialConfig, load_encoder_weights: bool = True) -> nn.Modul
 
     pretrained = cfg.encoder_weights is not None
     named = is_named(cfg.encoder, cfg.encoder_weights)
+    fetch = named and load_encoder_weights  # smp loads named weights itself
     transform = GrayToPretrainedInput()  # ImageNet's statistics: a local file records none
-    if named and load_encoder_weights:
+    if fetch:
         check_fetchable(cfg.encoder, cfg.encoder_weights)  # one line, not smp's 20 s of retries
         transform = GrayToPretrainedInput(*input_statistics(cfg.encoder, cfg.encoder_weights))
     try:
         unet = smp.Unet(
             cfg.encoder,
             # smp's own loading (hf_hub_download, then the encoder's load_state_dict)
-            encoder_weights=cfg.encoder_weights if named and load_encoder_weights else None,
+            encoder_weights=cfg.encoder_weights if fetch else None,
             in_channels=3 if pretrained else 1,
             classes=1,
             aux_params={"classes": 3, "pooling": "avg", "dropout": cfg.dropout,

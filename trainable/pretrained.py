@@ -114,6 +114,17 @@ def input_statistics(encoder: str, weights: str) -> tuple[list[float], list[floa
     return ([m / scale for m in params["mean"]], [s / scale for s in params["std"]])
 
 
+def with_default_weights(config: dict, origin: str, encoder: str) -> dict:
+    """`config` (trial settings, possibly partial) with `encoder_weights` set to its default for
+    the cache's `origin` and `encoder` (`default_weights`) when it gives none; unchanged when
+    that default is None, the trainable's own. Used by a search (on its fixed settings) and by
+    `gazetune train`."""
+    if "encoder_weights" in config:
+        return config
+    weights = default_weights(origin, encoder)
+    return config if weights is None else {**config, "encoder_weights": weights}
+
+
 def default_weights(origin: str, encoder: str = "efficientnet-b0") -> str | None:
     """The `encoder_weights` a search or `gazetune train` uses when none is given, from the
     cache's origin (`trainable.data.cache.data_origin`): `imagenet` for the real release (the
