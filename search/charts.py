@@ -79,6 +79,30 @@ def configurations_chart(rows: Sequence[Mapping], reference: float | None,
     return fig
 
 
+def repeat_chart(rows: Sequence[Mapping]) -> Figure:
+    """Each configuration's test mean AUC per seed (dots) and over seeds (the mean with its
+    interval), first row at the top.
+
+    Args:
+        rows: one mapping per configuration with keys ``label``, ``auc``, ``lo``, ``hi`` (the
+            mean over seeds and its interval) and ``seeds`` (each seed's AUC).
+
+    Returns:
+        The figure; with no rows, one that says so.
+    """
+    fig = auc_interval_chart(rows, label="mean over seeds (95% CI over seeds and images)")
+    if not rows:
+        return fig
+    ax = fig.axes[0]
+    for y, row in enumerate(rows):
+        ax.scatter(row["seeds"], np.full(len(row["seeds"]), y + 0.18), marker=".",
+                   color="0.4", label="one seed" if y == 0 else None)
+    for legend in list(fig.legends):  # drawn again to include the seeds
+        legend.remove()
+    fig.legend(fontsize=FONT_SIZE - 1, loc="outside lower center", ncols=2)
+    return fig
+
+
 def search_history_chart(trials: Sequence[Mapping], metric: str = "val mean AUC") -> Figure:
     """Validation score of each trial in order, pruned trials marked, best-so-far line.
 

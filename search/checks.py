@@ -28,7 +28,10 @@ def check_new_search(settings: SearchSettings) -> None:
         space = get_space(settings.space)
     except KeyError as err:
         raise ConfigError(f"--space: {err.args[0]}") from None
-    _check_fixed(space, settings)
+    if settings.points:
+        _check_points(settings)
+    else:
+        _check_fixed(space, settings)
     if not storage.is_uri(settings.cache) and not Path(settings.cache).is_dir():
         raise GazetuneError(f"cache {settings.cache} does not exist: run `gazetune prepare` "
                             f"first or pass --cache")
@@ -43,11 +46,13 @@ def check_new_search(settings: SearchSettings) -> None:
 
 
 def check_encoder_weights(settings: SearchSettings) -> None:
-    """The fixed (or default) encoder weights, as `trainable.pretrained.check_available` checks
-    them; a weights file only on a local search (on a cluster it may be on the workers only)."""
-    fixed = settings.fixed
-    check_available(fixed.get("encoder", TrialConfig.encoder), fixed.get("encoder_weights"),
-                    local=settings.address is None)
+    """The fixed (or default) encoder weights, or each given config's, as
+    `trainable.pretrained.check_available` checks them; a weights file only on a local search
+    (on a cluster it may be on the workers only)."""
+    configs = [{**settings.fixed, **point} for point in settings.points] or [settings.fixed]
+    for encoder, weights in dict.fromkeys((c.get("encoder", TrialConfig.encoder),
+                                           c.get("encoder_weights")) for c in configs):
+        check_available(encoder, weights, local=settings.address is None)
 
 
 def check_storage(settings: SearchSettings) -> None:
@@ -85,6 +90,20 @@ def _check_fixed(space: Callable, settings: SearchSettings) -> None:
                                   f"searches it")
         TrialConfig.from_dict({**settings.fixed, **sampled, "cache": settings.cache,
                                "epochs": settings.max_epochs})
+
+
+def _check_points(settings: SearchSettings) -> None:
+    """Each given config, with the fixed settings, must be a valid trial config."""
+    if len(settings.points) != settings.samples:
+        raise ConfigError(f"{len(settings.points)} given configs for {settings.samples} trials")
+    if any(point.keys() != settings.points[0].keys() for point in settings.points):
+        raise ConfigError("the given configs must set the same keys")
+    for i, point in enumerate(settings.points):
+        try:
+            TrialConfig.from_dict({**settings.fixed, **point, "cache": settings.cache,
+                                   "epochs": settings.max_epochs})
+        except ConfigError as err:
+            raise ConfigError(f"config {i} of the search: {err}") from None
 
 
 def _can_restore(path: str) -> bool:

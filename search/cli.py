@@ -95,6 +95,18 @@ def _resume(args) -> int:
                                          tracking_uri=args.tracking_uri, address=args.address))
 
 
+def _repeat(args) -> int:
+    from search.repeat import repeat
+
+    result = repeat(args.name, top=args.top, seeds=args.seeds, repeat_name=args.repeat_name,
+                    max_epochs=args.max_epochs, cpus_per_trial=args.cpus_per_trial,
+                    gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+                    max_failures=args.max_failures, address=args.address,
+                    storage_path=args.storage, tracking_uri=args.tracking_uri,
+                    reports=args.reports, n_boot=args.n_boot)
+    return 130 if result is None else 0
+
+
 def _search_summary(summary) -> int:
     print(f"search {summary.name!r}: {summary.completed} trials finished, {summary.pruned} "
           f"pruned, {summary.failed} failed (Tune state: {summary.path})")
@@ -315,6 +327,37 @@ def _add_service_commands(sub) -> None:
     p.add_argument("name", help="the study name given to `gazetune search`")
     _add_location_options(p)
     p.set_defaults(func=_resume)
+
+    p = sub.add_parser(
+        "repeat", help="retrain a study's best trials with new seeds (as a search on the "
+                       "cluster) and test them: mean ± sd and intervals over seeds and images",
+        description="Retrain the --top best trials of study NAME (by validation AUC) with "
+                    "--seeds seeds each that they did not use (seed + 1 ... + K), to the "
+                    "study's budget, as the trials of a new study (NAME-repeat); then test "
+                    "every model and write reports/NAME-repeat/repeat.{md,json}. Running the "
+                    "same command again continues an interrupted repeat or, once it has "
+                    "ended, only scores it again.")
+    p.add_argument("name", help="the study whose trials to repeat (= its MLflow experiment)")
+    p.add_argument("--top", type=int, default=2, help="how many of its best trials")
+    p.add_argument("--seeds", type=int, default=3, help="new seeds per trial (at least 2)")
+    p.add_argument("--name", dest="repeat_name", default=None, metavar="REPEAT",
+                   help="the repeat's own study (default: NAME-repeat)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="epochs of each retraining (default: the study's --max-epochs)")
+    p.add_argument("--cpus-per-trial", type=float, default=DEFAULTS.cpus_per_trial,
+                   help="CPU cores Ray reserves for each trial (also its torch threads)")
+    p.add_argument("--gpus-per-trial", type=float, default=DEFAULTS.gpus_per_trial,
+                   help="a GPU fraction per trial (default: as for `gazetune search`)")
+    p.add_argument("--max-concurrent", type=int, default=DEFAULTS.max_concurrent,
+                   help="trials at once (default: as many as the resources allow)")
+    p.add_argument("--max-failures", type=int, default=DEFAULTS.max_failures,
+                   help="retries of a failing trial from its last checkpoint")
+    p.add_argument("--n-boot", type=int, default=0,
+                   help="two-level bootstrap resamples of the test report (default: 2,000)")
+    _add_location_options(p)
+    p.add_argument("--reports", type=Path, default=Path("reports"),
+                   help="folder of the reports (default: ./reports)")
+    p.set_defaults(func=_repeat)
 
 
 def _add_tracking_uri(p: argparse.ArgumentParser) -> None:

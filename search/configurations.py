@@ -194,16 +194,7 @@ def _record(name: str, uri: str, parent: str | None, scored: list, out: Path,
         run.log_artifact(out / CONFIGURATIONS_JSON)
         run.log_artifact(out / CONFIGURATIONS_MD)
         run.log_artifact(out / FIGURES / CONFIGURATIONS_PNG, FIGURES)
-    _delete_earlier_runs(uri, name, run.run_id)
-
-
-def _delete_earlier_runs(uri: str, name: str, keep: str) -> None:
-    client = tracking.client(uri)
-    experiment = client.get_experiment_by_name(name)
-    for old in client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.`gazetune.kind` = '{KIND}'"):
-        if old.info.run_id != keep:
-            client.delete_run(old.info.run_id)
+    tracking.delete_other_runs(uri, name, KIND, keep=run.run_id)
 
 
 def _signed(value: list) -> str:

@@ -18,6 +18,8 @@ BEST_CONFIGS, SUMMARY, FIGURES = "best_configs.json", "summary.md", "figures"
 # `evaluate --all-configurations`: the test table of every configuration and its chart.
 CONFIGURATIONS_JSON, CONFIGURATIONS_MD = "configurations.json", "configurations.md"
 CONFIGURATIONS_PNG = "configurations.png"
+# `gazetune repeat`: the best trials retrained over seeds.
+REPEAT_JSON, REPEAT_MD, REPEAT_PNG = "repeat.json", "repeat.md", "repeat.png"
 
 # Watanabe et al. 2022, as published: mean (auc, lo, hi) and per-class AUC on their test
 # split of about 100 images. Keys: (loss_set, generator or None).
@@ -60,8 +62,8 @@ def format_auc(value) -> str:
 
 
 # export always writes best_configs.json, evaluate evaluation.json (configurations.json with
-# --all-configurations): a folder with any of them is a report of this tool.
-REPORT_MARKS = (BEST_CONFIGS, "evaluation.json", CONFIGURATIONS_JSON)
+# --all-configurations), repeat repeat.json: a folder with any of them is a report of this tool.
+REPORT_MARKS = (BEST_CONFIGS, "evaluation.json", CONFIGURATIONS_JSON, REPEAT_JSON)
 
 
 def claim_report_folder(out: Path) -> Path:

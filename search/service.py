@@ -16,13 +16,14 @@ from pathlib import Path
 
 from ray import tune
 from ray.tune import ExperimentAnalysis, Tuner
+from ray.tune.search import BasicVariantGenerator
 
 from search import tracking
 from search.checks import check_encoder_weights, check_new_search, check_storage, partial_fixed
 from search.progress import ProgressPrinter, stopped_early
 from search.ray_session import ray_session, with_gpu_share
 from search.scheduler import ASHAState, asha
-from search.searcher import PruningAwareOptunaSearch, tpe_sampler
+from search.searcher import TRIAL_NUMBER, PruningAwareOptunaSearch, tpe_sampler
 from search.settings import DEFAULTS, SearchSettings, load_settings
 from search.storage import is_uri, remove
 from search.trial import OUTAGE_FILE, TrialRunCloser, TrialSetup, tracking_outage, trial_fn
@@ -143,23 +144,25 @@ def _close_lost_runs(settings: SearchSettings) -> None:
 
 
 def _new_tuner(settings: SearchSettings, trainable: Callable | None):
-    sampler = tpe_sampler(settings.seed)
-    # Optuna queues each point as a waiting trial: no more than the search will run.
-    points = [dict(p) for p in PAPER_POINTS[:settings.samples]] if settings.paper_points else []
-    if settings.fixed:
-        # A fixed setting that the space searches is fixed in Optuna too, so the study
-        # records what the trial really used (`--set loss_set=set3` narrows the search).
-        sampler = partial_fixed(settings.fixed, sampler)
-    searcher = PruningAwareOptunaSearch(
-        space=get_space(settings.space), metric=METRIC, mode="max", sampler=sampler,
-        study_name=settings.name, max_t=settings.max_epochs,
-        points_to_evaluate=points or None,
-    )
-    # The points queued above run their whole budget: ASHA judges only the sampled trials.
+    param_space = None
+    if settings.points:
+        # Given configs, nothing to suggest: Ray's variant generator runs them in order, each
+        # numbered by its place (the runs' names and `gazetune repeat`'s grouping use it).
+        # Tune accepts a preset point only for keys of the space, so the space is each key's
+        # values in the points (which share their keys); every sample is a point, so it is
+        # never sampled from.
+        points = [{**p, TRIAL_NUMBER: i} for i, p in enumerate(settings.points)]
+        searcher = BasicVariantGenerator(points_to_evaluate=points)
+        param_space = {key: tune.choice(list(dict.fromkeys(p[key] for p in points)))
+                       for key in points[0]}
+    else:
+        searcher, points = _optuna_searcher(settings)
+    # The points run their whole budget: ASHA judges only the sampled trials.
     scheduler = asha(settings.max_epochs, settings.grace_period, settings.reduction_factor,
                      paper_points=len(points))
     return tune.Tuner(
         _trainable(settings, trainable),
+        param_space=param_space,
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher,
                                     scheduler=scheduler, num_samples=settings.samples,
                                     max_concurrent_trials=settings.max_concurrent),
@@ -178,6 +181,23 @@ def _new_tuner(settings: SearchSettings, trainable: Callable | None):
             verbose=0,  # ProgressPrinter says what a person needs
         ),
     )
+
+
+def _optuna_searcher(settings: SearchSettings) -> tuple[PruningAwareOptunaSearch, list]:
+    """TPE over the settings' space, the paper's points queued first when asked; and those."""
+    sampler = tpe_sampler(settings.seed)
+    # Optuna queues each point as a waiting trial: no more than the search will run.
+    points = [dict(p) for p in PAPER_POINTS[:settings.samples]] if settings.paper_points else []
+    if settings.fixed:
+        # A fixed setting that the space searches is fixed in Optuna too, so the study
+        # records what the trial really used (`--set loss_set=set3` narrows the search).
+        sampler = partial_fixed(settings.fixed, sampler)
+    searcher = PruningAwareOptunaSearch(
+        space=get_space(settings.space), metric=METRIC, mode="max", sampler=sampler,
+        study_name=settings.name, max_t=settings.max_epochs,
+        points_to_evaluate=points or None,
+    )
+    return searcher, points
 
 
 def _fit(settings: SearchSettings, tuner):

@@ -49,6 +49,10 @@ class SearchSettings:
     storage: str = "ray_results"  # Tune's storage: an absolute path or a URI
     cache: str = "cache"
     tracking_uri: str | None = None
+    # Explicit trial configs run instead of the space's suggestions, in order, each to
+    # max_epochs (never stopped early): `gazetune repeat`'s retraining of chosen trials.
+    points: list = field(default_factory=list)
+    repeat_of: dict | None = None  # what `points` repeat: the study, its trials and the seeds
     experiment_id: str | None = None  # filled in when the search starts
     parent_run_id: str | None = None
 
@@ -75,22 +79,17 @@ class SearchSettings:
     def check_options(self) -> None:
         """Refuse a name or a numeric option out of range, naming the option."""
         check_name(self.name, "--name")
-        for option, (low, high) in RANGES.items():
-            value = getattr(self, option)
-            if value is None and option in ("gpus_per_trial", "max_concurrent"):
-                continue  # chosen from the cluster
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not low <= value <= high:  # NaN fails too
-                raise ConfigError(f"--{option.replace('_', '-')} must be in "
-                                  f"[{low:g}, {high:g}], got {value!r}")
+        for option in RANGES:
+            check_option(option, getattr(self, option))
         if self.grace_period > self.max_epochs:
             raise ConfigError(f"--grace-period {self.grace_period} exceeds --max-epochs "
                               f"{self.max_epochs}")
 
     def params(self) -> dict:
         """The parent run's params: the options a person compares searches by."""
-        skip = {"experiment_id", "parent_run_id", "tracking_uri"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        skip = {"experiment_id", "parent_run_id", "tracking_uri", "points"}  # points: runs'
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in skip and not (k == "repeat_of" and v is None)}
 
     def save(self) -> None:
         """Write `<storage>/<name>/gazetune.json` in one step (a killed driver leaves the old)."""
@@ -120,6 +119,17 @@ class SearchSettings:
 
 
 DEFAULTS = SearchSettings(name="")  # the command line's defaults
+
+
+def check_option(option: str, value) -> None:
+    """Refuse a value of a numeric option (a `SearchSettings` field) outside its range."""
+    low, high = RANGES[option]
+    if value is None and option in ("gpus_per_trial", "max_concurrent"):
+        return  # chosen from the cluster
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not low <= value <= high:  # NaN fails too
+        raise ConfigError(f"--{option.replace('_', '-')} must be in [{low:g}, {high:g}], got "
+                          f"{value!r}")
 
 
 def load_settings(name: str, storage_path: str = DEFAULTS.storage,

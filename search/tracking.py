@@ -473,6 +473,17 @@ def evaluation_run(tracking_uri: str, experiment_name: str, run_name: str,
     store.set_terminated(run_id, "FINISHED")
 
 
+def delete_other_runs(tracking_uri: str, experiment_name: str, kind: str, keep: str) -> None:
+    """Delete the study's runs tagged `gazetune.kind` = `kind` other than `keep`: a report
+    written again replaces its run instead of adding a copy."""
+    store = client(tracking_uri)
+    experiment = store.get_experiment_by_name(experiment_name)
+    for old in store.search_runs([experiment.experiment_id],
+                                 filter_string=f"tags.`gazetune.kind` = '{kind}'"):
+        if old.info.run_id != keep:
+            store.delete_run(old.info.run_id)
+
+
 # ---------------------------------------------------------------------------------------------
 # `gazetune train`: one trial without Ray, logged like a search trial
 

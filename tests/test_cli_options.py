@@ -39,6 +39,7 @@ def invocation(command: str, option: str, value: str, tmp_path) -> list[str]:
         "search": ["search", "--name", "s", "--cache", missing],
         "export": ["export", "nostudy"],
         "evaluate": ["evaluate", "nostudy"],
+        "repeat": ["repeat", "nostudy"],
         "demo": ["demo", "--workdir", str(tmp_path)],
         "bench": ["bench", "--device", "tpu"],
     }[command]

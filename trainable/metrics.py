@@ -196,6 +196,72 @@ def paired_bootstrap_diff(
                       median=protocol == "paper")
 
 
+def seeds_bootstrap_auc(
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    class_names: Sequence[str],
+    n_boot: int | None = None,
+    alpha: float = 0.05,
+    seed: int = 0,
+    reference: np.ndarray | None = None,
+) -> dict[str, tuple[float, float, float]]:
+    """AUC of a configuration trained with several seeds, with an interval over seeds and images.
+
+    A configuration's AUC varies with the seed it trains with as well as with the test images;
+    an interval over images alone (`bootstrap_auc` of one model) leaves the first out. Here each
+    resample draws images (stratified, as `resample_indices(y_true, n_boot, seed)`) and, within
+    it, as many seeds as there are, with replacement (`numpy.random.default_rng((seed, 1))`:
+    `integers(0, K, size=(n_boot, K))`), and averages the drawn seeds' AUCs on the drawn
+    images: a two-level (hierarchical) bootstrap. With `reference` (another configuration's
+    seeds, scored on the same images), the same for AUC(scores) - AUC(reference): images shared
+    (paired), each configuration's seeds drawn on their own (its seeds are its own models:
+    the reference's drawn next, `integers(0, K', size=(n_boot, K'))` from the same generator).
+
+    Why our own: no library bootstraps over two levels; `weighted_auc` scores every resample of
+    every seed in a few matrix products.
+
+    Args:
+        y_true: one-hot labels.
+        scores: each seed's scores for the same images.
+        class_names, n_boot, alpha, seed: as in `bootstrap_auc` (stratified protocol).
+        reference: the other configuration's scores, or None.
+
+    Returns:
+        ``{name: (auc, lo, hi)}`` for each class and ``"mean"``: `auc` the mean over seeds of
+        each seed's AUC on all images (with `reference`, the difference of those means).
+
+    Shape:
+        y_true [N, C], scores [K, N, C], reference [K', N, C].
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 3 or len(scores) == 0:
+        raise ValueError(f"scores: expected [K, N, C] with K >= 1, got {scores.shape}")
+    for s in scores:
+        y_true, _ = _check_labels_scores(y_true, s, class_names)
+    weights = _weights(y_true, n_boot, seed, "stratified")
+    rng = np.random.default_rng((seed, 1))
+    point, boot = _seed_means(y_true, scores, weights, rng)
+    if reference is not None:
+        reference = np.asarray(reference, dtype=np.float64)
+        if reference.ndim != 3 or len(reference) == 0 or reference.shape[1:] != scores.shape[1:]:
+            raise ValueError(f"reference: expected [K', N, C] like scores {scores.shape}, got "
+                             f"{reference.shape}")
+        for s in reference:
+            _check_labels_scores(y_true, s, class_names)
+        ref_point, ref_boot = _seed_means(y_true, reference, weights, rng)
+        point, boot = point - ref_point, boot - ref_boot
+    return _intervals(point, _defined_rows(boot, point), class_names, alpha)
+
+
+def _seed_means(y_true, scores, weights, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(mean over seeds of each seed's full-data AUC [C], the resamples' means [B, C])."""
+    ones = np.ones((1, len(y_true)))
+    point = np.mean([weighted_auc(y_true, s, ones)[0] for s in scores], axis=0)
+    per_seed = np.stack([weighted_auc(y_true, s, weights) for s in scores])  # [K, B, C]
+    pick = rng.integers(0, len(scores), size=(len(weights), len(scores)))  # [B, K]
+    return point, per_seed[pick, np.arange(len(weights))[:, None]].mean(axis=1)
+
+
 def _weights(y_true, n_boot, seed, protocol) -> np.ndarray:
     return multiplicity(resample_indices(y_true, n_boot, seed, protocol), len(y_true))
 
