@@ -4,7 +4,8 @@ loss, the cached heatmap as the gaze target).
 
 `gradient` and `gradcam` depend on the class where guided backprop and deconvnet barely do
 (measured on this network); `rrr` (Ross et al. 2017) penalises input gradients outside the gaze
-region.
+region; gaze-guided counterexamples (`trainable.augment.gaze_counterexamples`) replace what
+lies outside the gaze region of the training images, so that it cannot predict the label.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 from spaces.paper import GENERATORS as PAPER_GENERATORS
 from spaces.paper import suggest_method, suggest_training
 from trainable import loss_sets
+from trainable.config import COUNTEREXAMPLE_FILLS
 
 LOSS_SETS = tuple(loss_sets.LOSS_SETS)  # every loss set: the paper's and rrr
 GENERATORS = PAPER_GENERATORS + ("gradient", "gradcam")
 SEG_LOSSES = ("cc", "bce")
 GAZE_TARGETS = ("heatmap", "reference")
+COUNTEREXAMPLES = ("none", *COUNTEREXAMPLE_FILLS)
 
 
 def extended(trial) -> None:
-    """The paper's space with two more generators, the `rrr` loss set and both mask losses and
-    gaze targets."""
+    """The paper's space with two more generators, the `rrr` loss set, both mask losses and
+    gaze targets, and gaze-guided counterexamples."""
     loss_set = suggest_method(trial, LOSS_SETS, GENERATORS)
     if loss_sets.applies("seg_loss", loss_set):
         trial.suggest_categorical("seg_loss", SEG_LOSSES)
@@ -29,4 +32,6 @@ def extended(trial) -> None:
         trial.suggest_categorical("gaze_target", GAZE_TARGETS)
     if loss_sets.applies("rrr_lambda", loss_set):
         trial.suggest_float("rrr_lambda", 0.1, 100.0, log=True)
+    # Input-side: every loss set can train on counterexamples (none keeps the images).
+    trial.suggest_categorical("counterexample", COUNTEREXAMPLES)
     suggest_training(trial)

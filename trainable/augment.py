@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from trainable.config import COUNTEREXAMPLE_FILLS
+
 
 def random_affine(
     images: torch.Tensor,
@@ -45,3 +47,58 @@ def random_affine(
     gain = uniform(1 - jitter, 1 + jitter).view(b, 1, 1, 1).to(images.dtype)
     bias = uniform(-jitter / 2, jitter / 2).view(b, 1, 1, 1).to(images.dtype)
     return (images * gain + bias).clamp(0, 1), maps
+
+
+
+def gaze_counterexamples(
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    generator: torch.Generator,
+    fill: str,
+    p: float = 1.0,
+    region: float = 0.1,
+) -> torch.Tensor:
+    """Replace what lies outside each image's gaze region, so that nothing there can predict
+    the label: a feature the radiologist never looked at (a lead marker, a tube, a text label
+    that correlates with the class) becomes noise to the classifier.
+
+    The region is where the image's gaze heatmap reaches `region` x its maximum; the gaze alone
+    defines it, no knowledge of where a shortcut is. An image without gaze (an all-zero map)
+    keeps its pixels. Fills: ``swap`` the same pixels of another image of the batch (real
+    radiograph content, drawn from another image, so it carries that image's label if anything:
+    uninformative of this one's); ``mean`` the image's mean; ``noise`` uniform noise in [0, 1];
+    ``blur`` the image blurred with a Gaussian of a sixteenth of its side (what survives is
+    coarse layout only).
+
+    Args:
+        images, maps: the training batch after augmentation, and its gaze maps.
+        generator: the CPU generator of the trial's augmentation (reproducible, resumable).
+        fill: one of `COUNTEREXAMPLE_FILLS`.
+        p: the share of images that get a counterexample (each drawn independently).
+        region: the gaze region's threshold as a fraction of each map's maximum.
+
+    Shape:
+        images, maps: [B, 1, H, W] with B >= 2 for ``swap``; returns images' shape.
+    """
+    b, device = images.shape[0], images.device
+    peak = maps.amax(dim=(1, 2, 3), keepdim=True)
+    outside = (maps < region * peak) & (peak > 0)
+    chosen = (torch.rand(b, generator=generator) < p).to(device).view(b, 1, 1, 1)
+    if fill == "swap":
+        # Another image for each: a shift of 1 to b-1 places, never the image itself.
+        shift = torch.randint(1, b, (b,), generator=generator) if b > 1 else torch.zeros(b)
+        donor = (torch.arange(b) + shift).remainder(b).long().to(device)
+        filled = images[donor]
+    elif fill == "mean":
+        filled = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+    elif fill == "noise":
+        filled = torch.rand(images.shape, generator=generator).to(device, images.dtype)
+    elif fill == "blur":
+        from torchvision.transforms.v2.functional import gaussian_blur
+
+        sigma = max(images.shape[-1] / 16, 1.0)
+        kernel = 2 * math.ceil(3 * sigma) + 1
+        filled = gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+    else:
+        raise ValueError(f"fill: {fill!r} is not one of {COUNTEREXAMPLE_FILLS}")
+    return torch.where(outside & chosen, filled, images)

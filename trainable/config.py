@@ -20,6 +20,8 @@ from trainable import loss_sets
 from trainable.errors import GazetuneError
 
 GENERATORS = ("guided_backprop", "deconvnet", "gradient", "gradcam")
+# What `trainable.augment.gaze_counterexamples` puts outside the gaze region.
+COUNTEREXAMPLE_FILLS = ("swap", "mean", "noise", "blur")
 # The classes, in the order of the one-hot labels (the master sheet's columns) and of reports.
 CLASS_NAMES = ("Normal", "CHF", "pneumonia")
 METRIC = "val/auc/mean"  # what model selection (trainable.loop) and the search maximise
@@ -85,6 +87,15 @@ class TrialConfig:
     epochs: int = key(10, "epochs to train", bounds=(1, 10_000))
     batch_size: int = key(32, "images per step (at least 2: BatchNorm)", bounds=(2, 65_536))
     augment: bool = key(True, "random affine and exposure jitter of training images")
+    counterexample: str = key("none", "gaze-guided counterexamples: outside each training "
+                              "image's gaze region put the same pixels of another image of the "
+                              "batch (swap), the image's mean, uniform noise or a blurred copy; "
+                              "none: off", choices=("none", *COUNTEREXAMPLE_FILLS))
+    counterexample_p: float = key(1.0, "share of training images given a counterexample",
+                                  bounds=(0.0, 1.0))
+    counterexample_region: float = key(0.1, "the gaze region of counterexamples: where the "
+                                       "heatmap reaches this fraction of its maximum",
+                                       bounds=(0.0, 1.0), open_low=True, open_high=True)
     seed: int = key(0, "seed of initialisation, shuffling, augmentation and the bootstrap",
                     bounds=(0, 2**32 - 1))
     # evaluation

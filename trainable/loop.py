@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from trainable import checkpoint
-from trainable.augment import random_affine
+from trainable.augment import gaze_counterexamples, random_affine
 from trainable.config import CLASS_NAMES, METRIC, ConfigError, TrialConfig
 from trainable.errors import DivergedError, OutOfGpuMemory
 from trainable.files import check_writable
@@ -263,6 +263,9 @@ def train_one_epoch(model, data: DeviceData, optimizer, cfg: TrialConfig, gen, e
         x, gaze, y = data.images[b], data.heatmaps[b], data.labels[b]
         if cfg.augment:
             x, gaze = random_affine(x, gaze, gen)
+        if cfg.counterexample != "none":
+            x = gaze_counterexamples(x, gaze, gen, cfg.counterexample, cfg.counterexample_p,
+                                     cfg.counterexample_region)
         if x.is_cuda and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(cfg, x.device):
