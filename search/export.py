@@ -343,7 +343,7 @@ def write_optuna_study(path: Path, name: str, trials: list[Trial], space: str) -
         try:
             study = optuna.create_study(study_name=name, storage=storage,
                                         direction="maximize")
-            study.set_user_attr("metric", METRIC)
+            study.set_user_attr("metric", trials[0].metric if trials else METRIC)
             study.add_trials(optuna_trials(trials, space))
         finally:
             storage.engine.dispose()  # the file is closed before it is read

@@ -52,16 +52,18 @@ def say(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
 
-def _best_value(trial) -> float | None:
-    value = (trial.metric_analysis.get(METRIC) or {}).get("max")
+def _best_value(trial, metric: str) -> float | None:
+    value = (trial.metric_analysis.get(metric) or {}).get("max")
     return None if value is None or math.isnan(value) else value  # NaN: no score
 
 
 class ProgressPrinter(Callback):
     """Console progress a person can follow: a line per trial event, a summary every minute."""
 
-    def __init__(self, total: int, max_t: int, every_s: float = 60.0):
-        self.total, self.max_t, self.every_s = total, max_t, every_s
+    metric = METRIC  # the class's: a printer pickled by an older search has no attribute
+
+    def __init__(self, total: int, max_t: int, metric: str = METRIC, every_s: float = 60.0):
+        self.total, self.max_t, self.metric, self.every_s = total, max_t, metric, every_s
         self._last = 0.0
 
     def setup(self, **info) -> None:
@@ -77,8 +79,8 @@ class ProgressPrinter(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         epochs = (trial.last_result or {}).get("training_iteration", 0)
         how = "pruned" if stopped_early(trial, self.max_t) else "finished"
-        best = _best_value(trial)
-        score = f", best {METRIC} {best:.3f}" if best is not None else ""
+        best = _best_value(trial, self.metric)
+        score = f", best {self.metric} {best:.3f}" if best is not None else ""
         say(f"trial {trial.trial_id} {how} after {epochs} epoch(s){score}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -99,9 +101,9 @@ class ProgressPrinter(Callback):
         line = (f"{len(ended)}/{self.total} trials done ({pruned} pruned), "
                 f"{status.count('ERROR')} failed, {status.count('RUNNING')} running")
         scored = [(v, t) for t in trials
-                  if t.status != "ERROR" and (v := _best_value(t)) is not None]
+                  if t.status != "ERROR" and (v := _best_value(t, self.metric)) is not None]
         if scored:
             value, trial = max(scored, key=lambda pair: pair[0])
-            line += f"; best {METRIC} {value:.3f} (trial {trial.trial_id}: " \
+            line += f"; best {self.metric} {value:.3f} (trial {trial.trial_id}: " \
                     f"{describe(trial.config)})"
         return line

@@ -29,7 +29,7 @@ from search.storage import is_uri, remove
 from search.trial import OUTAGE_FILE, TrialRunCloser, TrialSetup, tracking_outage, trial_fn
 from spaces import PAPER_POINTS, get_space
 from trainable import pretrained
-from trainable.config import METRIC, TrialConfig
+from trainable.config import TrialConfig
 from trainable.data.cache import data_origin
 
 
@@ -163,7 +163,7 @@ def _new_tuner(settings: SearchSettings, trainable: Callable | None):
     return tune.Tuner(
         _trainable(settings, trainable),
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher,
+        tune_config=tune.TuneConfig(metric=settings.metric, mode="max", search_alg=searcher,
                                     scheduler=scheduler, num_samples=settings.samples,
                                     max_concurrent_trials=settings.max_concurrent),
         run_config=tune.RunConfig(
@@ -177,7 +177,8 @@ def _new_tuner(settings: SearchSettings, trainable: Callable | None):
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             # In this order for good: Tune restores callbacks' states by position.
             callbacks=[ASHAState(scheduler), TrialRunCloser(),
-                       ProgressPrinter(settings.samples, settings.max_epochs)],
+                       ProgressPrinter(settings.samples, settings.max_epochs,
+                                       settings.metric)],
             verbose=0,  # ProgressPrinter says what a person needs
         ),
     )
@@ -193,7 +194,7 @@ def _optuna_searcher(settings: SearchSettings) -> tuple[PruningAwareOptunaSearch
         # records what the trial really used (`--set loss_set=set3` narrows the search).
         sampler = partial_fixed(settings.fixed, sampler)
     searcher = PruningAwareOptunaSearch(
-        space=get_space(settings.space), metric=METRIC, mode="max", sampler=sampler,
+        space=get_space(settings.space), metric=settings.metric, mode="max", sampler=sampler,
         study_name=settings.name, max_t=settings.max_epochs,
         points_to_evaluate=points or None,
     )
@@ -229,8 +230,8 @@ def _finish(settings: SearchSettings, grid) -> SearchSummary:
     # A failed trial (diverged, out of memory, crashed past max_failures) is never the best:
     # `gazetune export` ranks finished runs only, and the summary must agree with it.
     # A validation AUC can be undefined (NaN) at every epoch; such a trial is never the best.
-    scored = [r for r in grid if r.error is None and METRIC in r.metrics
-              and math.isfinite(_peak(r))]
+    scored = [r for r in grid if r.error is None and settings.metric in r.metrics
+              and math.isfinite(_peak(r, settings.metric))]
     if scored:
         best = _best_trial(settings, scored)
     # The parent run ends in every case (a resume reopens it): KILLED shows an interrupted
@@ -247,9 +248,9 @@ def _finish(settings: SearchSettings, grid) -> SearchSummary:
 
 def _best_trial(settings: SearchSettings, results: list) -> dict:
     """The trial with the best validation epoch: its run, full config and that epoch's metrics."""
-    result = max(results, key=_peak)
+    result = max(results, key=lambda r: _peak(r, settings.metric))
     history = result.metrics_dataframe
-    epoch = history.loc[history[METRIC].astype(float).idxmax(skipna=True)]
+    epoch = history.loc[history[settings.metric].astype(float).idxmax(skipna=True)]
     trial_id = result.metrics["trial_id"]
     run_ids = {run.data.tags.get(tracking.TRIAL_TAG): run.info.run_id
                for run in tracking.find_trial_runs(settings.tracking_uri, settings.name)}
@@ -261,9 +262,9 @@ def _best_trial(settings: SearchSettings, results: list) -> dict:
             "metrics": {k: float(v) for k, v in epoch.items() if k.startswith("val/")}}
 
 
-def _peak(result) -> float:
+def _peak(result, metric: str) -> float:
     """A trial's best finite validation score; -inf when it has none."""
-    values = result.metrics_dataframe[METRIC]
+    values = result.metrics_dataframe[metric]
     values = values[values.map(math.isfinite)]
     return float(values.max()) if len(values) else -math.inf
 

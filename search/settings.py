@@ -13,7 +13,7 @@ from pathlib import Path
 
 from search import storage, tracking
 from search.names import check_name
-from trainable.config import ConfigError, TrialConfig, parse_overrides
+from trainable.config import SELECTION_METRICS, ConfigError, TrialConfig, parse_overrides
 from trainable.errors import GazetuneError
 from trainable.pretrained import is_named
 
@@ -55,6 +55,13 @@ class SearchSettings:
     repeat_of: dict | None = None  # what `points` repeat: the study, its trials and the seeds
     experiment_id: str | None = None  # filled in when the search starts
     parent_run_id: str | None = None
+
+    @property
+    def metric(self) -> str:
+        """The validation metric the trials select by and ASHA and Optuna optimise: the
+        trials' `selection` (`--set selection=gaze_auc`; a repeat's configs carry their own)."""
+        config = {**self.fixed, **(self.points[0] if self.points else {})}
+        return SELECTION_METRICS[config.get("selection", TrialConfig.selection)]
 
     @property
     def path(self) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from search import tracking
-from trainable.config import CLASS_NAMES, METRIC, TrialConfig
+from trainable.config import CLASS_NAMES, METRIC, SELECTION_METRICS, TrialConfig
 from trainable.errors import GazetuneError
 from trainable.loss_sets import LOSS_SETS
 
@@ -32,7 +32,7 @@ class Trial:
     val: dict | None  # {name: [auc, lo, hi]} at that epoch, NaN as None
     figures: tuple[str, ...] = field(default=())  # artifact paths under figures/
     parent: str | None = None  # the search's parent run
-    history: dict = field(default_factory=dict)  # {epoch: val/auc/mean}
+    history: dict = field(default_factory=dict)  # {epoch: its selection metric}
     started: int | None = None  # the run's start and end, ms since the epoch
     ended: int | None = None
 
@@ -45,7 +45,9 @@ class Trial:
 
     @property
     def score(self) -> float | None:
-        return (self.val or {}).get("mean", [None])[0]
+        """The selection metric at the best epoch (`val/auc/mean` unless the trial selected
+        by `val/gaze_auc/mean`): what the search optimised and what ranks the trials."""
+        return None if self.epoch is None else finite(self.history.get(self.epoch))
 
     @property
     def method(self) -> tuple[str, str | None]:
@@ -53,6 +55,11 @@ class Trial:
         loss_set = self.params.get("loss_set", "baseline")
         generator = self.params.get("generator", "guided_backprop")
         return loss_set, generator if LOSS_SETS[loss_set].uses_map else None
+
+    @property
+    def metric(self) -> str:
+        """The validation metric the trial selected its best epoch by."""
+        return selection_metric(self.params)
 
     @property
     def label(self) -> str:
@@ -64,6 +71,12 @@ class Trial:
         config = typed_config(self.params)
         config.pop("checkpoint_dir")  # the trial's scratch folder; the checkpoint is in its run
         return config
+
+
+def selection_metric(params: Mapping[str, str]) -> str:
+    """The metric a run's params say it selected by (`selection`; runs logged before the key
+    existed selected by `val/auc/mean`)."""
+    return SELECTION_METRICS.get(params.get("selection", "auc"), METRIC)
 
 
 def typed_config(params: Mapping[str, str]) -> dict:
@@ -92,7 +105,10 @@ def read_trials(tracking_uri: str, name: str) -> list[Trial]:
         number = int(run.data.tags.get(tracking.NUMBER_TAG, order))
         history = {key: _by_step(client.get_metric_history(run.info.run_id, key))
                    for key in run.data.metrics if key.startswith("val/auc/")}
-        epoch = best_epoch(history.get(METRIC, {}))
+        metric = selection_metric(run.data.params)
+        if metric != METRIC:
+            history[metric] = _by_step(client.get_metric_history(run.info.run_id, metric))
+        epoch = best_epoch(history.get(metric, {}))
         val = None
         if epoch is not None:
             val = {n: [finite(history.get(f"val/auc/{n}{b}", {}).get(epoch))
@@ -105,7 +121,7 @@ def read_trials(tracking_uri: str, name: str) -> list[Trial]:
             run_id=run.info.run_id, number=number, status=run.info.status,
             pruned=run.data.tags.get("pruned") == "true", params=dict(run.data.params),
             epochs=max(history.get(METRIC) or [0]), epoch=epoch, val=val, figures=figures,
-            parent=run.data.tags.get(tracking.PARENT_TAG), history=history.get(METRIC, {}),
+            parent=run.data.tags.get(tracking.PARENT_TAG), history=history.get(metric, {}),
             started=run.info.start_time, ended=run.info.end_time,
         ))
     return trials

@@ -1,6 +1,7 @@
-"""Gaze-guided counterexamples (`counterexample=swap|mean|noise|blur`): what lies outside the
-gaze region is replaced, what lies inside is kept, the region comes from the gaze alone, the
-draws are the trial's generator's, and a training with them runs end to end."""
+"""Gaze-guided counterexamples (`counterexample=swap|mean|noise|blur`): outside the gaze region
+the pixels are replaced, inside they are kept, the region comes from the gaze alone, the draws
+are the trial's generator's; and selection by them (`selection=gaze_auc`): the validation AUC on
+swapped counterexamples, the epoch it picks, and a search that optimises and ranks by it."""
 
 from __future__ import annotations
 
@@ -77,3 +78,82 @@ def test_training_with_counterexamples(small_cache, tmp_path):
            "loss_set": "classifier", "counterexample": "swap"}, report=reports.append)
     assert math.isfinite(reports[0].metrics["train/loss"])
     assert math.isfinite(reports[0].metrics["val/auc/mean"])
+
+
+def test_gaze_auc_scores_the_validation_counterexamples(small_cache):
+    from trainable.data import load_cache
+    from trainable.loop import DeviceData, counterexample_auc, predict_batches
+    from trainable.metrics import bootstrap_auc
+    from trainable.model import build_model, calibrate_batchnorm
+
+    cfg = TrialConfig.from_dict({"cache": str(small_cache), "n_boot": 100, "batch_size": 8})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    data = DeviceData(load_cache(small_cache), torch.device("cpu"))
+    idx = data.indices("val")
+    rows = torch.as_tensor(idx)
+    calibrate_batchnorm(model, data.images[rows].split(8))  # outputs that differ by image
+    got = counterexample_auc(model, data, idx, cfg, prefix="val")
+    swapped = gaze_counterexamples(data.images[rows], data.heatmaps[rows],
+                                   torch.Generator().manual_seed(0), "swap")
+    assert not torch.equal(swapped, data.images[rows])
+    probs, _ = predict_batches(model, swapped.split(8), cfg, torch.device("cpu"))
+    want = bootstrap_auc(data.cache.labels[idx], probs, ("Normal", "CHF", "pneumonia"),
+                         n_boot=100)
+    for name, values in want.items():
+        np_values = [got[f"val/gaze_auc/{name}{b}"] for b in ("", "/lo", "/hi")]
+        assert np_values == pytest.approx(list(values), nan_ok=True)
+    # the same images at every call: the score of a model does not move by itself
+    assert counterexample_auc(model, data, idx, cfg, prefix="val") == got
+
+
+def test_selection_by_gaze_auc_picks_the_checkpoint_epoch(small_cache, tmp_path):
+    from trainable.checkpoint import load_best
+
+    reports = []
+    final = train({"cache": str(small_cache), "epochs": 3, "batch_size": 8, "n_boot": 100,
+                   "figures": 0, "threads": 2, "checkpoint_dir": str(tmp_path / "ck"),
+                   "loss_set": "classifier", "selection": "gaze_auc"}, report=reports.append)
+    gaze = [r.metrics["val/gaze_auc/mean"] for r in reports]
+    assert all(math.isfinite(g) for g in gaze)
+    finite = [g if math.isfinite(g) else -math.inf for g in gaze]
+    best = finite.index(max(finite)) + 1  # the first epoch to reach the peak
+    assert final["best_epoch"] == best and final["best/val/gaze_auc/mean"] == max(finite)
+    assert [r.epoch for r in reports if r.is_best][-1] == best
+    assert load_best(final["checkpoint_dir"])[2]["epoch"] == best
+    assert "val/auc/mean" in reports[0].metrics  # both scores are kept
+
+
+def test_a_search_with_gaze_selection_optimises_and_ranks_by_it(tmp_path):
+    import pickle
+
+    from search import tracking
+    from search.progress import ProgressPrinter
+    from search.settings import SearchSettings
+    from search.study import ranked_trials, read_trials
+    from trainable.loop import EpochReport
+
+    assert SearchSettings(name="s").metric == "val/auc/mean"
+    gaze = SearchSettings(name="s", fixed={"selection": "gaze_auc"})
+    assert gaze.metric == "val/gaze_auc/mean"
+    # a printer pickled before it knew its metric reports the default one
+    old = pickle.loads(pickle.dumps(ProgressPrinter(4, 2, gaze.metric)))
+    assert old.metric == "val/gaze_auc/mean"
+    del old.__dict__["metric"]
+    assert old.metric == "val/auc/mean"
+    # The read side ranks by each trial's selection metric, at the epoch it peaks.
+    uri = tracking.resolve_tracking_uri(None, tmp_path)
+    experiment = tracking.ensure_experiment("g", uri)
+    histories = {0: ([0.9, 0.8], [0.5, 0.7]), 1: ([0.6, 0.6], [0.6, 0.65])}  # (auc, gaze)
+    for number, (aucs, gazes) in histories.items():
+        config = TrialConfig.from_dict({"selection": "gaze_auc", "loss_set": "classifier"})
+        run = tracking.TrialRun(uri, experiment, None, f"t{number}", config.to_dict(),
+                                number=number)
+        for epoch, (auc, g) in enumerate(zip(aucs, gazes), start=1):
+            run.log_epoch(EpochReport(epoch, {"val/auc/mean": auc, "val/gaze_auc/mean": g},
+                                      tmp_path, False))
+        run.finish()
+    trials = {t.number: t for t in read_trials(uri, "g")}
+    assert trials[0].epoch == 2 and trials[0].score == 0.7 and trials[0].val["mean"][0] == 0.8
+    assert [t.number for t in ranked_trials(trials.values())] == [0, 1]
+

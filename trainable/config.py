@@ -25,6 +25,9 @@ COUNTEREXAMPLE_FILLS = ("swap", "mean", "noise", "blur")
 # The classes, in the order of the one-hot labels (the master sheet's columns) and of reports.
 CLASS_NAMES = ("Normal", "CHF", "pneumonia")
 METRIC = "val/auc/mean"  # what model selection (trainable.loop) and the search maximise
+# ... unless a trial selects by the AUC on gaze counterexamples of the validation images
+# (`selection=gaze_auc`, `trainable.loop.counterexample_auc`).
+SELECTION_METRICS = {"auc": METRIC, "gaze_auc": "val/gaze_auc/mean"}
 
 
 class ConfigError(GazetuneError, ValueError):
@@ -98,6 +101,11 @@ class TrialConfig:
                                        bounds=(0.0, 1.0), open_low=True, open_high=True)
     seed: int = key(0, "seed of initialisation, shuffling, augmentation and the bootstrap",
                     bounds=(0, 2**32 - 1))
+    selection: str = key("auc", "the validation score that picks the best epoch (the "
+                         "checkpoint) and that a search optimises: auc = val/auc/mean; gaze_auc"
+                         " = val/gaze_auc/mean, on validation images whose outside-gaze area "
+                         "holds another validation image's pixels", choices=tuple(
+                             SELECTION_METRICS))
     # evaluation
     n_boot: int = key(0, "bootstrap resamples; 0: the protocol's default (2,000; paper: 30)",
                       bounds=(0, 1_000_000))
@@ -140,6 +148,11 @@ class TrialConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def metric(self) -> str:
+        """The validation metric that picks the best epoch (`selection`)."""
+        return SELECTION_METRICS[self.selection]
 
 
 def _check_encoder_weights(encoder: str, weights: str | None) -> None:

@@ -38,7 +38,7 @@ class EpochReport:
     epoch: int  # epochs finished, 1-based (== Ray's training_iteration)
     metrics: dict[str, float]
     checkpoint_dir: Path  # state.pt + best/: pass back as `resume_from` to continue
-    is_best: bool  # this epoch improved val/auc/mean
+    is_best: bool  # this epoch improved the selection metric (val/auc/mean by default)
     figures: dict[str, Path] = field(default_factory=dict)  # PNGs drawn this epoch
 
 
@@ -146,15 +146,17 @@ def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -
         t1 = time.perf_counter()
         val, _ = evaluate(model, data, data.indices("val"), cfg, prefix="val")
         metrics.update(val)
+        metrics.update(counterexample_auc(model, data, data.indices("val"), cfg, prefix="val"))
         metrics["train/seconds"] = t1 - t0
         metrics["val/seconds"] = time.perf_counter() - t1
         # The first epoch is always a checkpoint, even when the validation split is too small
         # to hold every class (AUC undefined: NaN).
-        is_best = best_epoch == 0 or metrics[METRIC] > best_auc
+        score = metrics[cfg.metric]
+        is_best = best_epoch == 0 or score > best_auc
         figures = {}
         if is_best:
             # NaN (a class missing from validation) must not block every later epoch.
-            best_auc = metrics[METRIC] if math.isfinite(metrics[METRIC]) else -math.inf
+            best_auc = score if math.isfinite(score) else -math.inf
             best_epoch = epoch + 1
             # The cache's input hash lets `gazetune evaluate --cache` refuse other data; the
             # image size is the input size of the model that `trainable.inference` rebuilds.
@@ -179,7 +181,7 @@ def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -
             ckdir / "state.pt",
         )
         report(EpochReport(epoch + 1, dict(metrics), ckdir, is_best, figures))
-    return {**metrics, f"best/{METRIC}": best_auc, "best_epoch": best_epoch,
+    return {**metrics, f"best/{cfg.metric}": best_auc, "best_epoch": best_epoch,
             "checkpoint_dir": str(ckdir)}
 
 
@@ -370,6 +372,36 @@ def evaluate(model, data: DeviceData, idx: np.ndarray, cfg: TrialConfig, prefix:
             for k, v in map_agreement(pred, gaze, fix).items():
                 metrics[f"{prefix}/{kind}/{k}"] = float(v)
     return metrics, {"probs": probs, "maps": maps, "masks": masks, "labels": y}
+
+
+def counterexample_auc(model, data: DeviceData, idx: np.ndarray, cfg: TrialConfig,
+                       prefix: str) -> dict[str, float]:
+    """AUCs on gaze counterexamples of the images `idx`: outside each image's gaze region,
+    the same pixels of another of these images (`trainable.augment.gaze_counterexamples`,
+    swap, with a fixed draw: the same images at every epoch).
+
+    A model that reads the images where the radiologist looked keeps its AUC here; one that
+    reads what no one looked at (a marker that correlates with the class in the training and
+    validation data) meets another image's evidence there and loses it, so selecting epochs
+    (and trials) by this score prefers the first without ever seeing the test split.
+    Keys `<prefix>/gaze_auc/<name>[/lo|/hi]`.
+    """
+    from trainable.metrics import bootstrap_auc
+
+    if len(idx) < 2:
+        return {}
+    device = data.images.device
+    rows = torch.as_tensor(idx, device=device)
+    swapped = gaze_counterexamples(data.images[rows], data.heatmaps[rows],
+                                   torch.Generator().manual_seed(0), "swap")
+    probs, _ = predict_batches(model, swapped.split(cfg.batch_size), cfg, device)
+    out = {}
+    for name, (auc, lo, hi) in bootstrap_auc(
+            data.cache.labels[idx], probs, CLASS_NAMES, n_boot=cfg.n_boot or None,
+            seed=cfg.seed, protocol=cfg.boot_protocol).items():
+        out.update({f"{prefix}/gaze_auc/{name}": auc, f"{prefix}/gaze_auc/{name}/lo": lo,
+                    f"{prefix}/gaze_auc/{name}/hi": hi})
+    return out
 
 
 def draw_figures(model, data: DeviceData, cfg: TrialConfig, folder: Path) -> dict[str, Path]:
