@@ -349,7 +349,7 @@ def repeat_markdown(result: dict) -> str:
          f"report is its run `{result['evaluation_run_id']}`."), "",
         (f"Test split: {images['total']} images ("
          + ", ".join(f"{c} {images[c]}" for c in CLASS_NAMES) + "). Test mean AUC: the mean "
-         f"over seeds ± their standard deviation, and a 95% interval from {result['n_boot']} "
+         f"over seeds ± their standard deviation, and a 95% interval from {result['n_boot']:,} "
          "two-level bootstrap resamples (images stratified by class, then seeds with "
          "replacement), which counts both the test images' and the seeds' variation. Last "
          "column: the difference from the first row on the same image resamples; an interval "
