@@ -47,6 +47,8 @@ class Trial:
     def score(self) -> float | None:
         """The selection metric at the best epoch (`val/auc/mean` unless the trial selected
         by `val/gaze_auc/mean`): what the search optimised and what ranks the trials."""
+        if self.metric == METRIC:
+            return (self.val or {}).get("mean", [None])[0]
         return None if self.epoch is None else finite(self.history.get(self.epoch))
 
     @property
