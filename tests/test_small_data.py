@@ -58,4 +58,4 @@ def test_selection_skips_a_trial_whose_score_is_never_defined():
         metrics_dataframe = pd.DataFrame({"val/auc/mean": [math.nan, math.nan],
                                           "training_iteration": [1, 2]})
 
-    assert _peak(Result()) == -math.inf
+    assert _peak(Result(), "val/auc/mean") == -math.inf
