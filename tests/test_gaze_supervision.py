@@ -1,4 +1,5 @@
-"""The gaze-supervision benchmark, reduced: the pipeline gives the table, and the shortcut costs.
+"""The gaze-supervision benchmark, reduced: the pipeline gives the table of both selections, the
+shortcut costs, and a second invocation reuses the finished runs.
 
 `benchmarks/gaze_supervision.py` is not a package module; it is loaded from its file.
 """
@@ -21,38 +22,55 @@ def load_benchmark():
 
 
 @pytest.mark.slow
-def test_reduced_benchmark_shows_the_shortcut_cost_and_writes_the_table(tmp_path):
+def test_reduced_benchmark_scores_both_selections_and_writes_the_table(tmp_path):
     bench = load_benchmark()
-    configs = ["ceiling", "classifier", "set1 guided_backprop", "rrr"]
+    configs = ["ceiling", "classifier", "swap", "swap clean"]
     argv = ["--images", "300", "--size", "64", "--epochs", "3", "--seeds", "0",
             "--configs", *configs, "--work", str(tmp_path / "work"), "--out", str(tmp_path)]
     report = bench.main(argv)
 
-    summary = report["summary"]
-    assert set(summary) == set(configs)
+    assert {"images", "size", "seeds", "encoder", "shortcut", "epochs", "machine",
+            "multiplicity", "chosen", "configurations"} <= set(report)
+    assert (report["images"], report["size"], report["seeds"]) == (300, 64, [0])
+    rows = report["configurations"]
+    assert set(rows) == {name + suffix for name in configs for suffix in ("", "@gaze")}
+    for row, entry in rows.items():
+        assert {"recovered", "recovered_ci", "seeds", "test_auc", "clean_cost",
+                "selection"} <= set(entry)
+        assert entry["selection"] == ("gaze_validation" if row.endswith("@gaze")
+                                      else "validation")
+        assert entry["seeds"] == [0]
+        lo, hi = entry["recovered_ci"]
+        assert lo <= hi
     # What makes the benchmark meaningful: trained on the shortcut, the same classifier scores
-    # lower on test images where the marker no longer follows the label.
-    assert summary["ceiling"]["test_auc_mean"] > summary["classifier"]["test_auc_mean"]
-    # ... because it looks at the marker corners more than the classifier that never saw one.
-    assert summary["classifier"]["corner_share"] > summary["ceiling"]["corner_share"]
-    for name in ("set1 guided_backprop", "rrr"):
-        entry = summary[name]
-        point, lo, hi = entry["diff_vs_classifier"]
-        assert lo <= point <= hi
-        assert math.isfinite(entry["gap_recovered"])
-        run = next(r for r in report["runs"] if r["config"] == name)
-        for when in ("init", "best"):
-            terms = run["grad_norms"][when]
-            assert set(terms) == {"cls", "map_gaze" if name != "rrr" else "rrr"}
-            assert all(t["norm"] > 0 and -1 <= t["cos_cls"] <= 1 for t in terms.values())
+    # lower on test images where the marker no longer follows the label ...
+    assert rows["ceiling"]["test_auc"] > rows["classifier"]["test_auc"]
+    # ... and moving the marker to a class's training corner moves the classifier towards it.
+    assert rows["classifier"]["marker_pull"] > rows["ceiling"]["marker_pull"]
+    # The references are selected by validation for every row: they score 0 and 1.
+    assert rows["classifier"]["recovered"] == 0 and rows["ceiling"]["recovered"] == 1
+    for row in ("swap", "swap@gaze"):
+        assert math.isfinite(rows[row]["clean_cost"])
+        assert rows[row]["clean_counterpart"] == row.replace("swap", "swap clean")
+    assert rows["swap clean"]["clean_cost"] is None  # a clean-release row is not a candidate
+    # Candidates: the shortcut rows but the reference (classifier@gaze, swap, swap@gaze).
+    assert report["multiplicity"] == 3
 
+    # Selection reads validation only: each selection's epoch is the first best of its score.
+    for run in report["runs"]:
+        for selection, key in (("validation", "val/auc/mean"),
+                               ("gaze_validation", "val/gaze_auc/mean")):
+            scores = [e[key] for e in run["epochs"]]
+            assert run[selection]["epoch"] == 1 + scores.index(max(scores))
+
+    written = json.loads((tmp_path / "gaze_supervision.json").read_text())
+    assert written["configurations"] == json.loads(json.dumps(rows))
     table = (tmp_path / "gaze_supervision.md").read_text()
-    for name in configs:
-        assert f"| {name} |" in table
-    assert "gap recovered" in table and "Shortcut cost" in table
-    assert json.loads((tmp_path / "gaze_supervision.json").read_text())["summary"] == \
-        json.loads(json.dumps(summary))
+    for row in rows:
+        assert f"| {row} | {rows[row]['selection']} |" in table
+    assert "Shortcut cost" in table and "Multiplicity" in table and "Goal" in table
 
     # Finished runs are kept: a second invocation continues instead of training again.
     again = bench.main(argv)
-    assert again["summary"]["classifier"]["test_auc"] == summary["classifier"]["test_auc"]
+    assert json.dumps(again["configurations"]) == json.dumps(rows)
+    assert again["wall_minutes"] < report["wall_minutes"]
