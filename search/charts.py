@@ -73,9 +73,7 @@ def configurations_chart(rows: Sequence[Mapping], reference: float | None,
         return fig
     ax.axvline(reference, color="C3", linestyle="--",
                label=f"{reference_label} ({reference:.3f})")
-    for legend in list(fig.legends):  # drawn again to include the line
-        legend.remove()
-    fig.legend(fontsize=FONT_SIZE - 1, loc="outside lower center", ncols=2)
+    _legend_again(fig)  # to include the line
     return fig
 
 
@@ -97,10 +95,15 @@ def repeat_chart(rows: Sequence[Mapping]) -> Figure:
     for y, row in enumerate(rows):
         ax.scatter(row["seeds"], np.full(len(row["seeds"]), y + 0.18), marker=".",
                    color="0.4", label="one seed" if y == 0 else None)
-    for legend in list(fig.legends):  # drawn again to include the seeds
+    _legend_again(fig)  # to include the seeds
+    return fig
+
+
+def _legend_again(fig: Figure) -> None:
+    """Replace `auc_interval_chart`'s legend with one of everything drawn since."""
+    for legend in list(fig.legends):
         legend.remove()
     fig.legend(fontsize=FONT_SIZE - 1, loc="outside lower center", ncols=2)
-    return fig
 
 
 def search_history_chart(trials: Sequence[Mapping], metric: str = "val mean AUC") -> Figure:

@@ -304,22 +304,13 @@ def _add_service_commands(sub) -> None:
                    help="epochs before ASHA may stop a trial")
     p.add_argument("--reduction-factor", type=int, default=DEFAULTS.reduction_factor,
                    help="ASHA keeps the best 1/N of the trials at each rung")
-    p.add_argument("--cpus-per-trial", type=float, default=DEFAULTS.cpus_per_trial,
-                   help="CPU cores Ray reserves for each trial (also its torch threads)")
-    p.add_argument("--gpus-per-trial", type=float, default=DEFAULTS.gpus_per_trial,
-                   help="a GPU fraction per trial, e.g. 0.25 packs four trials on a GPU "
-                        "(default: as many trials per GPU as fit at the cache's image size, "
-                        "up to four; 0 without GPUs)")
-    p.add_argument("--max-concurrent", type=int, default=DEFAULTS.max_concurrent,
-                   help="trials at once (default: as many as the resources allow)")
+    _add_trial_resources(p)
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of Optuna's sampler")
     p.add_argument("--paper-points", action="store_true",
                    help="run the paper's eight configurations first, each to --max-epochs "
                         "(ASHA judges the trials after them)")
     p.add_argument("--set", dest="fixed", nargs="+", default=[], metavar="KEY=VALUE",
                    help="fixed trial settings, e.g. batch_size=16 n_boot=500")
-    p.add_argument("--max-failures", type=int, default=DEFAULTS.max_failures,
-                   help="retries of a failing trial from its last checkpoint")
     _add_location_options(p)
     p.set_defaults(func=_search)
 
@@ -344,20 +335,27 @@ def _add_service_commands(sub) -> None:
                    help="the repeat's own study (default: NAME-repeat)")
     p.add_argument("--max-epochs", type=int, default=None,
                    help="epochs of each retraining (default: the study's --max-epochs)")
-    p.add_argument("--cpus-per-trial", type=float, default=DEFAULTS.cpus_per_trial,
-                   help="CPU cores Ray reserves for each trial (also its torch threads)")
-    p.add_argument("--gpus-per-trial", type=float, default=DEFAULTS.gpus_per_trial,
-                   help="a GPU fraction per trial (default: as for `gazetune search`)")
-    p.add_argument("--max-concurrent", type=int, default=DEFAULTS.max_concurrent,
-                   help="trials at once (default: as many as the resources allow)")
-    p.add_argument("--max-failures", type=int, default=DEFAULTS.max_failures,
-                   help="retries of a failing trial from its last checkpoint")
+    _add_trial_resources(p)
     p.add_argument("--n-boot", type=int, default=0,
                    help="two-level bootstrap resamples of the test report (default: 2,000)")
     _add_location_options(p)
     p.add_argument("--reports", type=Path, default=Path("reports"),
                    help="folder of the reports (default: ./reports)")
     p.set_defaults(func=_repeat)
+
+
+def _add_trial_resources(p: argparse.ArgumentParser) -> None:
+    """What each trial of a search (or a repeat) gets from Ray, and its retries."""
+    p.add_argument("--cpus-per-trial", type=float, default=DEFAULTS.cpus_per_trial,
+                   help="CPU cores Ray reserves for each trial (also its torch threads)")
+    p.add_argument("--gpus-per-trial", type=float, default=DEFAULTS.gpus_per_trial,
+                   help="a GPU fraction per trial, e.g. 0.25 packs four trials on a GPU "
+                        "(default: as many trials per GPU as fit at the cache's image size, "
+                        "up to four; 0 without GPUs)")
+    p.add_argument("--max-concurrent", type=int, default=DEFAULTS.max_concurrent,
+                   help="trials at once (default: as many as the resources allow)")
+    p.add_argument("--max-failures", type=int, default=DEFAULTS.max_failures,
+                   help="retries of a failing trial from its last checkpoint")
 
 
 def _add_tracking_uri(p: argparse.ArgumentParser) -> None:

@@ -35,8 +35,7 @@ from search.reporting import (
     FIGURES,
     claim_report_folder,
     format_auc,
-    write_json,
-    write_text,
+    record_report,
 )
 from search.storage import absolute
 from search.study import (
@@ -181,20 +180,13 @@ def _record(name: str, uri: str, parent: str | None, scored: list, out: Path,
             for bound, value in zip(("", "/lo", "/hi"), values):
                 if value is not None:
                     metrics[f"{key}/diff/auc/{score}{bound}"] = value
-    tags = {"gazetune.kind": KIND, **({tracking.PARENT_TAG: parent} if parent else {})}
-    with tracking.evaluation_run(uri, name, run_name="test table of all configurations",
-                                 tags=tags) as run:
-        run.log(metrics, {"protocol": result["protocol"], "n_boot": result["n_boot"],
-                          "cache": scored[0][1].cache, "split": "test",
-                          "reference": (result["reference"] or {}).get("run_id", "none"),
-                          "configurations": len(scored)})
-        result["evaluation_run_id"] = run.run_id
-        write_json(out / CONFIGURATIONS_JSON, result)
-        write_text(out / CONFIGURATIONS_MD, configurations_markdown(result))
-        run.log_artifact(out / CONFIGURATIONS_JSON)
-        run.log_artifact(out / CONFIGURATIONS_MD)
-        run.log_artifact(out / FIGURES / CONFIGURATIONS_PNG, FIGURES)
-    tracking.delete_other_runs(uri, name, KIND, keep=run.run_id)
+    params = {"protocol": result["protocol"], "n_boot": result["n_boot"],
+              "cache": scored[0][1].cache, "split": "test",
+              "reference": (result["reference"] or {}).get("run_id", "none"),
+              "configurations": len(scored)}
+    record_report(uri, name, "test table of all configurations", KIND, parent, metrics, params,
+                  out, result, (CONFIGURATIONS_JSON, CONFIGURATIONS_MD, CONFIGURATIONS_PNG),
+                  configurations_markdown)
 
 
 def _signed(value: list) -> str:

@@ -38,8 +38,7 @@ from search.reporting import (
     REPEAT_PNG,
     claim_report_folder,
     format_auc,
-    write_json,
-    write_text,
+    record_report,
 )
 from search.settings import (
     DEFAULTS,
@@ -310,17 +309,8 @@ def _record(repeat_name: str, uri: str, parent: str | None, out: Path, result: d
             for bound, value in zip(("", "/lo", "/hi"), (row["diff"] or {}).get(name, ())):
                 if value is not None:
                     metrics[f"{key}/diff/auc/{name}{bound}"] = value
-    tags = {"gazetune.kind": KIND, **({tracking.PARENT_TAG: parent} if parent else {})}
-    with tracking.evaluation_run(uri, repeat_name, run_name="test of the repeated trials",
-                                 tags=tags) as run:
-        run.log(metrics, params)
-        result["evaluation_run_id"] = run.run_id
-        write_json(out / REPEAT_JSON, result)
-        write_text(out / REPEAT_MD, repeat_markdown(result))
-        run.log_artifact(out / REPEAT_JSON)
-        run.log_artifact(out / REPEAT_MD)
-        run.log_artifact(out / FIGURES / REPEAT_PNG, FIGURES)
-    tracking.delete_other_runs(uri, repeat_name, KIND, keep=run.run_id)
+    record_report(uri, repeat_name, "test of the repeated trials", KIND, parent, metrics, params,
+                  out, result, (REPEAT_JSON, REPEAT_MD, REPEAT_PNG), repeat_markdown)
 
 
 def _mean_sd(mean, sd) -> str:

@@ -86,6 +86,30 @@ def claim_report_folder(out: Path) -> Path:
     return out
 
 
+def record_report(uri: str, study: str, run_name: str, kind: str, parent: str | None,
+                  metrics: dict, params: dict, out: Path, result: dict,
+                  files: tuple[str, str, str], markdown) -> None:
+    """A report of a study as one MLflow run: `metrics` and `params` logged, `result` written
+    as the JSON and `markdown(result)` as the Markdown of `files` (json, md, png under
+    figures/, the png drawn before), all three as the run's artifacts; the run is tagged
+    `gazetune.kind` = `kind` under the search's `parent` run, and once it is FINISHED the
+    study's earlier runs of that kind are deleted, so a rerun replaces it. `result` gets the
+    run's id (`evaluation_run_id`) before it is written."""
+    from search import tracking
+
+    json_name, md_name, png_name = files
+    tags = {"gazetune.kind": kind, **({tracking.PARENT_TAG: parent} if parent else {})}
+    with tracking.evaluation_run(uri, study, run_name=run_name, tags=tags) as run:
+        run.log(metrics, params)
+        result["evaluation_run_id"] = run.run_id
+        write_json(out / json_name, result)
+        write_text(out / md_name, markdown(result))
+        run.log_artifact(out / json_name)
+        run.log_artifact(out / md_name)
+        run.log_artifact(out / FIGURES / png_name, FIGURES)
+    tracking.delete_other_runs(uri, study, kind, keep=run.run_id)
+
+
 def write_json(path: Path, obj) -> None:
     """Strict JSON (NaN refused: missing values are null), written atomically."""
     write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
