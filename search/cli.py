@@ -417,7 +417,7 @@ def _add_report_commands(sub) -> None:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("demo", help="synthetic data, a small search, its report and test "
-                                           "evaluation (about 10 minutes on a 2-core CPU)")
+                                           "evaluation (about 12 minutes on a 2-core CPU)")
     p.add_argument("--workdir", type=Path, default=Path("."),
                    help="where the data, cache, MLflow store, Tune state and report go")
     p.add_argument("--images", type=int, default=demo.IMAGES,

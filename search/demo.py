@@ -1,4 +1,4 @@
-"""`gazetune demo`: the whole service on synthetic data, in about 10 minutes on a 2-core CPU.
+"""`gazetune demo`: the whole service on synthetic data, in about 12 minutes on a 2-core CPU.
 
 Synthetic release -> cache -> a small search (the paper's eight configurations, each to the
 full budget, two trials at a time; `--trials` above eight adds TPE's trials under ASHA) ->
