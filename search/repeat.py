@@ -89,9 +89,9 @@ def repeat(name: str, top: int = 2, seeds: int = 3, repeat_name: str | None = No
 
     workdir = Path(workdir or Path.cwd())
     check_name(name)
-    check_name(repeat_name or f"{name}-repeat",
-               "--name" if repeat_name else "the repeat's study (default NAME-repeat; --name)")
-    repeat_name = repeat_name or f"{name}-repeat"
+    given = bool(repeat_name)
+    repeat_name = repeat_name if given else f"{name}-repeat"
+    check_name(repeat_name, "--name" if given else "the repeat's study (default NAME-repeat; --name)")
     for option, value in (("top", top), ("seeds", seeds)):
         low, high = RANGES[option]
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
