@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trainable import files
 from trainable.errors import GazetuneError
 from trainable.files import atomic_write
 
@@ -120,4 +121,4 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    atomic_write(path, lambda tmp: files.write_bytes(tmp, data))

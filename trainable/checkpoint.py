@@ -21,7 +21,7 @@ from trainable.errors import GazetuneError
 
 
 def save_torch(obj, path: Path) -> None:
-    files.atomic_write(path, lambda tmp: tmp.write_bytes(_torch_bytes(obj)))
+    files.atomic_write(path, lambda tmp: files.write_bytes(tmp, _torch_bytes(obj)))
 
 
 def save_json(obj, path: Path) -> None:
@@ -46,7 +46,7 @@ def save_best(folder: Path, model_state: dict, config: dict, metrics: dict) -> N
     best = Path(folder) / "best"
     model = _torch_bytes(model_state)
     files.atomic_write_all({
-        best / "model.pt": lambda tmp: tmp.write_bytes(model),
+        best / "model.pt": lambda tmp: files.write_bytes(tmp, model),
         best / "config.json": lambda tmp: tmp.write_text(_json(config)),
         # Moved into place last: its presence marks a complete best/.
         best / "metrics.json": lambda tmp: tmp.write_text(_json(metrics)),

@@ -95,6 +95,19 @@ def atomic_write_all(writes: Mapping[Path, Callable[[Path], object]]) -> None:
         raise
 
 
+# One write() of tens of MB is 20-40 times slower than the same bytes in 1 MiB writes on the
+# machines this project is tested on (75 MB, a checkpoint's state.pt: 1.1-1.4 s against
+# 0.03-0.07 s), and a trial writes its checkpoint every epoch.
+_CHUNK = 1 << 20
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """`Path(path).write_bytes(data)`, in 1 MiB writes."""
+    view = memoryview(data)
+    with open(path, "wb") as file:
+        file.writelines(view[start : start + _CHUNK] for start in range(0, len(view), _CHUNK))
+
+
 def opened(write: Callable) -> Callable[[Path], None]:
     """`write(file)`, given an open binary file, as a writer of a temporary path for
     `atomic_write`: np.savez given a file name not ending in .npz would write to that name
