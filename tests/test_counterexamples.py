@@ -49,6 +49,26 @@ def test_outside_the_gaze_is_replaced_and_inside_is_kept(fill):
         assert marker.max() < 1.0
 
 
+def test_the_outline_of_another_image_or_of_the_batch():
+    """`other`: each image keeps another image's gaze region; `batch`: the union of all."""
+    b, side = 4, 32
+    images = torch.rand(b, 1, side, side, generator=torch.Generator().manual_seed(0))
+    maps = torch.zeros(b, 1, side, side)
+    for i in range(b):  # a square of gaze in a different place for each image
+        maps[i, :, 8 * i : 8 * i + 8, 8 * i : 8 * i + 8] = 1.0 + i
+    own = [maps[i, 0] > 0 for i in range(b)]
+    gen = torch.Generator().manual_seed(3)
+    other = gaze_counterexamples(images, maps, gen, "noise", outline="other")
+    for i in range(b):
+        kept = other[i, 0] == images[i, 0]
+        assert any(torch.equal(kept, own[j]) for j in range(b) if j != i)
+    union = gaze_counterexamples(images, maps, gen, "noise", outline="batch")
+    for i in range(b):
+        assert torch.equal(union[i, 0] == images[i, 0], torch.stack(own).any(0))
+    with pytest.raises(ValueError, match="outline"):
+        gaze_counterexamples(images, maps, gen, "noise", outline="mine")
+
+
 def test_the_share_p_the_empty_gaze_and_the_generator():
     images, maps = batch(b=64)
     maps[0] = 0  # no gaze recorded: nothing to go by
@@ -69,6 +89,10 @@ def test_config_keys_are_checked():
         TrialConfig.from_dict({"counterexample_region": 0.0})
     with pytest.raises(ConfigError, match="counterexample_p"):
         TrialConfig.from_dict({"counterexample_p": 1.5})
+    with pytest.raises(ConfigError, match="counterexample_outline"):
+        TrialConfig.from_dict({"counterexample_outline": "theirs"})
+    with pytest.raises(ConfigError, match="counterexample_consistency"):
+        TrialConfig.from_dict({"counterexample_consistency": -1.0})
 
 
 def test_gaze_auc_scores_the_validation_counterexamples(small_cache):
@@ -106,8 +130,12 @@ def test_training_on_counterexamples_selected_by_gaze_auc(small_cache, tmp_path)
     final = train({"cache": str(small_cache), "epochs": 2, "batch_size": 8, "n_boot": 100,
                    "figures": 0, "threads": 2, "checkpoint_dir": str(tmp_path / "ck"),
                    "loss_set": "classifier", "counterexample": "swap",
-                   "selection": "gaze_auc"}, report=reports.append)
-    assert all(math.isfinite(r.metrics["train/loss"]) for r in reports)
+                   "counterexample_consistency": 10.0, "selection": "gaze_auc"},
+                  report=reports.append)
+    for r in reports:  # the total holds the consistency term at its weight
+        m = r.metrics
+        assert 0 < m["train/consistency"] < math.log(2)
+        assert m["train/loss"] == pytest.approx(m["train/cls"] + 10 * m["train/consistency"])
     gaze = [r.metrics["val/gaze_auc/mean"] for r in reports]
     assert all(math.isfinite(g) for g in gaze)
     finite = [g if math.isfinite(g) else -math.inf for g in gaze]

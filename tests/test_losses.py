@@ -12,6 +12,7 @@ from trainable.generators import saliency
 from trainable.loss_sets import LOSS_SETS
 from trainable.losses import (
     classification,
+    consistency,
     loss_terms,
     map_alignment,
     mask_loss,
@@ -121,6 +122,25 @@ def test_rrr_penalty_is_the_fraction_of_gradient_energy_outside_the_gaze():
     for scale in (1e-20, 1e4):  # scale-invariant, and tiny gradients do not underflow
         torch.testing.assert_close(rrr_penalty(scale * (inside + outside), GAZE), half)
     assert rrr_penalty(outside, torch.zeros_like(GAZE)) == 0  # no gaze: nothing to leave
+
+
+def test_consistency_is_the_mean_jensen_shannon_divergence_of_the_class_bernoullis():
+    from scipy.spatial.distance import jensenshannon
+
+    rng = np.random.default_rng(0)
+    a, b = (torch.as_tensor(rng.normal(0, 3, (5, 3))) for _ in range(2))
+    a[0, 0], b[0, 0] = 40.0, -40.0  # saturated and opposite: the bound, finite
+    p, q = torch.sigmoid(a).numpy(), torch.sigmoid(b).numpy()
+    want = np.mean([jensenshannon([p[i, k], 1 - p[i, k]], [q[i, k], 1 - q[i, k]]) ** 2
+                    for i in range(5) for k in range(3)])
+    got = consistency(a.requires_grad_(), b.requires_grad_())
+    assert float(got.detach()) == pytest.approx(want, rel=1e-9)
+    with torch.no_grad():
+        assert float(consistency(a, a)) == pytest.approx(0.0, abs=1e-12)
+        assert float(consistency(a, b)) == pytest.approx(float(consistency(b, a)), rel=1e-12)
+    got.backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0  # both views are pulled
 
 
 def test_loss_sets_have_the_named_terms_and_totals():

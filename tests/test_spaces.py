@@ -37,16 +37,20 @@ def test_paper_space_suggests_only_what_the_branch_uses(params, keys):
 
 
 def test_extended_space_adds_generators_rrr_and_counterexamples():
+    swap = {"counterexample": "swap", "counterexample_outline": "batch",
+            "counterexample_consistency": 10.0}
     rrr = sample(SPACES["extended"], optuna.trial.FixedTrial(
-        {"loss_set": "rrr", "rrr_lambda": 5.0, "counterexample": "swap", **SHARED}))
-    assert rrr == {"loss_set": "rrr", "rrr_lambda": 5.0, "counterexample": "swap", **SHARED}
+        {"loss_set": "rrr", "rrr_lambda": 5.0, **swap, **SHARED}))
+    assert rrr == {"loss_set": "rrr", "rrr_lambda": 5.0, **swap, **SHARED}
+    TrialConfig.from_dict(rrr)
     for generator in ("gradient", "gradcam"):
         params = {"loss_set": "set1", "generator": generator, "loss_weight": 1.0,
                   "gaze_target": "heatmap", "counterexample": "none", **SHARED}
         assert sample(SPACES["extended"], optuna.trial.FixedTrial(params)) == params
     # the project's defaults beside the paper's recipe
     params = {"loss_set": "baseline", "loss_weight": 1.0, "seg_loss": "cc",
-              "gaze_target": "heatmap", "counterexample": "blur", **SHARED}
+              "gaze_target": "heatmap", "counterexample": "blur",
+              "counterexample_outline": "own", "counterexample_consistency": 0.0, **SHARED}
     assert sample(SPACES["extended"], optuna.trial.FixedTrial(params)) == params
 
 

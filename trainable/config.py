@@ -22,6 +22,8 @@ from trainable.errors import GazetuneError
 GENERATORS = ("guided_backprop", "deconvnet", "gradient", "gradcam")
 # What `trainable.augment.gaze_counterexamples` puts outside the gaze region.
 COUNTEREXAMPLE_FILLS = ("swap", "mean", "noise", "blur")
+# Whose gaze region a counterexample keeps (`trainable.augment.gaze_counterexamples`).
+COUNTEREXAMPLE_OUTLINES = ("own", "other", "batch")
 # The classes, in the order of the one-hot labels (the master sheet's columns) and of reports.
 CLASS_NAMES = ("Normal", "CHF", "pneumonia")
 METRIC = "val/auc/mean"  # what model selection (trainable.loop) and the search maximise
@@ -99,6 +101,15 @@ class TrialConfig:
     counterexample_region: float = key(0.1, "the gaze region of counterexamples: where the "
                                        "heatmap reaches this fraction of its maximum",
                                        bounds=(0.0, 1.0), open_low=True, open_high=True)
+    counterexample_outline: str = key(
+        "own", "whose gaze region a counterexample keeps: its own, another image's of the batch "
+        "(other), or the union of the batch's (batch); other and batch keep the outline from "
+        "telling the class", choices=COUNTEREXAMPLE_OUTLINES)
+    counterexample_consistency: float = key(
+        0.0, "weight of a consistency term: each training image is kept beside its "
+        "counterexample, the classification loss is taken on the counterexample and each "
+        "image's class probabilities are pulled towards its counterexample's (Jensen-Shannon "
+        "divergence); 0: the counterexample replaces the image", bounds=(0.0, 1e4))
     seed: int = key(0, "seed of initialisation, shuffling, augmentation and the bootstrap",
                     bounds=(0, 2**32 - 1))
     selection: str = key("auc", "the validation score that picks the best epoch (the "

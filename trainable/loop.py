@@ -203,13 +203,24 @@ class DeviceData:
         return np.asarray(self.cache.indices(name))
 
 
-def compute_terms(model, x, y, gaze, cfg: TrialConfig) -> dict[str, torch.Tensor]:
-    """The named loss terms of one batch (train-mode forward first, then any saliency map)."""
+def compute_terms(model, x, y, gaze, cfg: TrialConfig,
+                  natural: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The named loss terms of one batch (train-mode forward first, then any saliency map).
+
+    `natural`: the batch's images before their counterexamples were made (`x`), when the
+    config weighs a consistency term: they go through the same train-mode forward as `x`
+    (one batch, so BatchNorm sees both kinds of image), only their class probabilities enter
+    the loss, through the consistency term.
+    """
     from trainable.generators import saliency
-    from trainable.losses import loss_terms, reference_gaze_target
+    from trainable.losses import consistency, loss_terms, reference_gaze_target
 
     spec = LOSS_SETS[cfg.loss_set]
-    mask, logits = split_outputs(model(x))
+    b = x.shape[0]
+    mask, logits = split_outputs(model(x if natural is None else torch.cat([x, natural])))
+    if natural is not None:
+        natural_logits, logits = logits[b:], logits[:b]
+        mask = None if mask is None else mask[:b]
     gen_map = input_grad = None
     # The map passes run after the train-mode forward: they read the BatchNorm running
     # statistics that forward has just updated, and nothing mutates them afterwards.
@@ -224,9 +235,13 @@ def compute_terms(model, x, y, gaze, cfg: TrialConfig) -> dict[str, torch.Tensor
         # After augmentation: a heatmap warped with zero fill, then rendered, gets the grey of
         # "no gaze" outside the image, as a rendered zero would.
         gaze = reference_gaze_target(gaze)
-    return loss_terms(cfg.loss_set, logits=logits, labels=y, mask_logits=mask, gen_map=gen_map,
-                      gaze=gaze, input_grad=input_grad, r=cfg.r, weight=cfg.loss_weight,
-                      rrr_lambda=cfg.rrr_lambda, seg_loss=cfg.seg_loss)
+    terms = loss_terms(cfg.loss_set, logits=logits, labels=y, mask_logits=mask, gen_map=gen_map,
+                       gaze=gaze, input_grad=input_grad, r=cfg.r, weight=cfg.loss_weight,
+                       rrr_lambda=cfg.rrr_lambda, seg_loss=cfg.seg_loss)
+    if natural is not None:
+        terms["consistency"] = consistency(logits, natural_logits)
+        terms["total"] = terms["total"] + cfg.counterexample_consistency * terms["consistency"]
+    return terms
 
 
 def map_batch(x, y, cfg: TrialConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,13 +280,18 @@ def train_one_epoch(model, data: DeviceData, optimizer, cfg: TrialConfig, gen, e
         x, gaze, y = data.images[b], data.heatmaps[b], data.labels[b]
         if cfg.augment:
             x, gaze = random_affine(x, gaze, gen)
+        natural = None
         if cfg.counterexample != "none":
+            if cfg.counterexample_consistency > 0:
+                natural = x
             x = gaze_counterexamples(x, gaze, gen, cfg.counterexample, cfg.counterexample_p,
-                                     cfg.counterexample_region)
+                                     cfg.counterexample_region, cfg.counterexample_outline)
         if x.is_cuda and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+            natural = None if natural is None else natural.contiguous(
+                memory_format=torch.channels_last)
         with _autocast(cfg, x.device):
-            terms = compute_terms(model, x, y, gaze, cfg)
+            terms = compute_terms(model, x, y, gaze, cfg, natural)
         values = {k: float(v.detach()) for k, v in terms.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:

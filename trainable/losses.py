@@ -197,6 +197,24 @@ def rrr_penalty(input_grad: Tensor, gaze: Tensor, threshold: float = 0.1) -> Ten
         return fraction.mean()
 
 
+def consistency(logits: Tensor, other: Tensor) -> Tensor:
+    """Jensen-Shannon divergence between the class probabilities of two views of each image,
+    per class (the outputs are independent sigmoids, each a Bernoulli), averaged; in nats,
+    bounded by log 2. Symmetric and finite where one view saturates, unlike a KL or a logit
+    difference, so that neither view can escape it by growing its logits.
+
+    Shape:
+        logits, other: [B, K] -> scalar.
+    """
+    p = torch.stack([torch.sigmoid(logits), torch.sigmoid(-logits)])  # [2, B, K]
+    q = torch.stack([torch.sigmoid(other), torch.sigmoid(-other)])
+    log_m = ((p + q) / 2).clamp_min(1e-12).log()
+    log_p = torch.stack([F.logsigmoid(logits), F.logsigmoid(-logits)])
+    log_q = torch.stack([F.logsigmoid(other), F.logsigmoid(-other)])
+    kl = (p * (log_p - log_m)).sum(0) + (q * (log_q - log_m)).sum(0)
+    return kl.mean() / 2
+
+
 def loss_terms(loss_set: str, *, logits: Tensor, labels: Tensor,
                mask_logits: Tensor | None = None, gen_map: Tensor | None = None,
                gaze: Tensor | None = None, input_grad: Tensor | None = None, r: float = 0.5,
