@@ -68,6 +68,24 @@ CONFIGS = {
        for fill in ("swap", "blur", "mean", "noise")},
     **{f"{fill} clean": ("clean", {**CLASSIFIER, "counterexample": fill})
        for fill in ("swap", "blur", "mean", "noise")},
+    # Swap counterexamples beside their images: classification on the counterexample, each
+    # image's probabilities pulled towards its counterexample's (Jensen-Shannon, weight 10;
+    # 3 and 30 beside it), so the natural images are in training without a label to learn the
+    # marker from.
+    **{f"swap consistency{suffix}{clean}": (release, {
+        **CLASSIFIER, "counterexample": "swap", "counterexample_consistency": weight})
+       for suffix, weight in (("", 10.0), (" w3", 3.0), (" w30", 30.0))
+       for clean, release in (("", "shortcut"), (" clean", "clean"))},
+    # The same with an outline that cannot tell the class: another image's gaze region, or the
+    # union of the batch's; and the batch's outline without the consistency term.
+    **{f"swap {outline} consistency{clean}": (release, {
+        **CLASSIFIER, "counterexample": "swap", "counterexample_outline": outline,
+        "counterexample_consistency": 10.0})
+       for outline in ("other", "batch")
+       for clean, release in (("", "shortcut"), (" clean", "clean"))},
+    **{f"swap batch{clean}": (release, {**CLASSIFIER, "counterexample": "swap",
+                                        "counterexample_outline": "batch"})
+       for clean, release in (("", "shortcut"), (" clean", "clean"))},
     # A map loss with counterexamples: the plain gradient trained towards gaze, which is the map
     # that says what moves the logit (cheaper than guided backprop's double backward too).
     "set1 gradient swap": ("shortcut", {"loss_set": "set1", "generator": "gradient",
