@@ -112,9 +112,11 @@ def _search_summary(summary) -> int:
           f"pruned, {summary.failed} failed (Tune state: {summary.path})")
     if summary.best:
         best, m = summary.best, summary.best["metrics"]
+        # The score it was selected by first (val/gaze_auc/mean under selection=gaze_auc).
+        scores = dict.fromkeys([best["metric"], "val/auc/mean"])
         print(f"best: trial {best['trial_id']} (MLflow run {best['run_id']}), epoch "
-              f"{best['epoch']}: val/auc/mean {m['val/auc/mean']:.3f} "
-              f"[{m['val/auc/mean/lo']:.3f}, {m['val/auc/mean/hi']:.3f}]")
+              f"{best['epoch']}: " + ", ".join(
+                  f"{k} {m[k]:.3f} [{m[k + '/lo']:.3f}, {m[k + '/hi']:.3f}]" for k in scores))
     if summary.interrupted:
         print(f"interrupted: `gazetune resume {summary.name}` continues it")
         return 130

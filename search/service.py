@@ -43,7 +43,8 @@ class SearchSummary:
     pruned: int  # stopped early by ASHA
     failed: int  # failed after all retries
     interrupted: bool  # stopped before every trial ended: `gazetune resume` continues
-    best: dict | None  # trial_id, run_id, config, epoch and val/* metrics of the best epoch
+    best: dict | None  # trial_id, run_id, config, the selection metric, epoch and val/* metrics
+    # of the best epoch
 
 
 def run_search(settings: SearchSettings, trainable: Callable | None = None,
@@ -258,7 +259,7 @@ def _best_trial(settings: SearchSettings, results: list) -> dict:
         TrialSetup.of(settings).trial_config(result.config, Path("."))).to_dict()
     del config["checkpoint_dir"]  # the trial's scratch folder; the checkpoint is in its run
     return {"trial_id": trial_id, "run_id": run_ids.get(trial_id), "config": config,
-            "epoch": int(epoch["training_iteration"]),
+            "metric": settings.metric, "epoch": int(epoch["training_iteration"]),
             "metrics": {k: float(v) for k, v in epoch.items() if k.startswith("val/")}}
 
 

@@ -179,3 +179,19 @@ def test_a_search_with_gaze_selection_optimises_and_ranks_by_it(tmp_path):
     assert trials[0].epoch == 2 and trials[0].score == 0.7 and trials[0].val["mean"][0] == 0.8
     assert [t.number for t in ranked_trials(trials.values())] == [0, 1]
 
+
+
+def test_the_search_summary_names_the_score_the_best_trial_was_selected_by(capsys):
+    from search.cli import _search_summary
+    from search.service import SearchSummary
+
+    metrics = {f"val/{name}/mean{b}": value for name, base in (("auc", 0.9), ("gaze_auc", 0.8))
+               for b, value in (("", base), ("/lo", base - 0.1), ("/hi", base + 0.05))}
+    best = {"trial_id": "t1", "run_id": "r1", "config": {}, "epoch": 3, "metrics": metrics}
+    for metric, line in (
+            ("val/gaze_auc/mean", ("epoch 3: val/gaze_auc/mean 0.800 [0.700, 0.850], "
+                                   "val/auc/mean 0.900 [0.800, 0.950]")),
+            ("val/auc/mean", "epoch 3: val/auc/mean 0.900 [0.800, 0.950]\n")):
+        summary = SearchSummary("s", "/p", 2, 0, 0, False, {**best, "metric": metric})
+        assert _search_summary(summary) == 0
+        assert line in capsys.readouterr().out
