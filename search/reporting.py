@@ -89,16 +89,16 @@ def claim_report_folder(out: Path) -> Path:
 
 def record_report(uri: str, study: str, run_name: str, kind: str, parent: str | None,
                   metrics: dict, params: dict, out: Path, result: dict,
-                  files: tuple[str, str, str], markdown) -> None:
+                  names: tuple[str, str, str], markdown) -> None:
     """A report of a study as one MLflow run: `metrics` and `params` logged, `result` written
-    as the JSON and `markdown(result)` as the Markdown of `files` (json, md, png under
+    as the JSON and `markdown(result)` as the Markdown of `names` (json, md, png under
     figures/, the png drawn before), all three as the run's artifacts; the run is tagged
     `gazetune.kind` = `kind` under the search's `parent` run, and once it is FINISHED the
     study's earlier runs of that kind are deleted, so a rerun replaces it. `result` gets the
     run's id (`evaluation_run_id`) before it is written."""
     from search import tracking
 
-    json_name, md_name, png_name = files
+    json_name, md_name, png_name = names
     tags = {"gazetune.kind": kind, **({tracking.PARENT_TAG: parent} if parent else {})}
     with tracking.evaluation_run(uri, study, run_name=run_name, tags=tags) as run:
         run.log(metrics, params)

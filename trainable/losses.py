@@ -206,11 +206,10 @@ def consistency(logits: Tensor, other: Tensor) -> Tensor:
     Shape:
         logits, other: [B, K] -> scalar.
     """
-    p = torch.stack([torch.sigmoid(logits), torch.sigmoid(-logits)])  # [2, B, K]
-    q = torch.stack([torch.sigmoid(other), torch.sigmoid(-other)])
-    log_m = ((p + q) / 2).clamp_min(1e-12).log()
-    log_p = torch.stack([F.logsigmoid(logits), F.logsigmoid(-logits)])
+    log_p = torch.stack([F.logsigmoid(logits), F.logsigmoid(-logits)])  # [2, B, K]
     log_q = torch.stack([F.logsigmoid(other), F.logsigmoid(-other)])
+    p, q = log_p.exp(), log_q.exp()
+    log_m = ((p + q) / 2).clamp_min(1e-12).log()
     kl = (p * (log_p - log_m)).sum(0) + (q * (log_q - log_m)).sum(0)
     return kl.mean() / 2
 
