@@ -46,7 +46,7 @@ def scan_for_identifiers(
     needles = {encoding: [_Needle(i, encoding) for i in identifiers] for encoding in ENCODINGS}
     # One pass of all identifiers at once tells whether any of them is there at all (they
     # rarely are); only then is each one checked with its digit-boundary rule.
-    anything = {encoding: re.compile(b"|".join(re.escape(n.text) for n in encoded))
+    anything = {encoding: re.compile(_trie_pattern([n.text for n in encoded]))
                 for encoding, encoded in needles.items()}
     found = set()
     for file in _files(paths):
@@ -56,6 +56,30 @@ def scan_for_identifiers(
                 if anything[encoding].search(view):
                     found.update((file, n.identifier) for n in encoded if n.occurs_in(view))
     return sorted(found)
+
+
+def _trie_pattern(words: list[bytes]) -> bytes:
+    """A regular expression that matches where any of `words` starts, its alternatives nested
+    by common prefix. Python's `re` tries the branches of a flat alternation one by one at every
+    position; with ~1,600 identifiers that made the scan of a demo's output take 110 s, the
+    nested form a few (measured on the 2-core machine)."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for byte in word:
+            node = node.setdefault(byte, {})
+        node[None] = {}  # a word ends here
+
+    def emit(node: dict) -> bytes:
+        branches = [re.escape(bytes([byte])) + emit(child)
+                    for byte, child in sorted((k, v) for k, v in node.items() if k is not None)]
+        if not branches:
+            return b""
+        if None in node:  # a word ends here: what follows may match, need not
+            return b"(?:" + b"|".join(branches) + b")?"
+        return branches[0] if len(branches) == 1 else b"(?:" + b"|".join(branches) + b")"
+
+    return emit(trie)
 
 
 class _Needle:

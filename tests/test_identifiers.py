@@ -105,3 +105,15 @@ def test_a_logged_training_run_writes_no_identifier(small_dataset, small_cache, 
     MlflowClient(uri).set_tag(run.info.run_id, "source", identifiers[0])
     assert scan_for_identifiers([tmp_path], identifiers) == [(tmp_path / "mlflow.db",
                                                              identifiers[0])]
+
+
+def test_identifiers_that_share_a_prefix_are_each_found(tmp_path):
+    """The scan's single pass nests identifiers by common prefix: one that is the start of
+    another (s5000, s50001) and ones that differ in their last character are all found."""
+    ids = ["s5000", "s50001", "s50002x", "p1a", "p1b"]
+    for name in ids:
+        (tmp_path / f"{name}.txt").write_text(f"seen: {name}!")
+    (tmp_path / "none.txt").write_text("s500 s5001 p1c")
+    found = scan_for_identifiers([tmp_path], ids)
+    # "s50001.txt" holds s5000 too, but only where a digit follows it: not a finding.
+    assert found == sorted((tmp_path / f"{name}.txt", name) for name in ids)
