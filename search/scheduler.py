@@ -41,7 +41,8 @@ def asha(max_t: int, grace_period: int, reduction_factor: int,
 
 
 class PaperPointsASHA(AsyncHyperBandScheduler):
-    """ASHA that never stops the trials numbered below `paper_points` before `max_t`.
+    """ASHA that never stops the trials numbered below `paper_points` before `max_t`, and no
+    trial at `max_t` (where its function ends by itself).
 
     The searcher queues the paper's points as the study's first trials, so a trial's number
     (`TRIAL_NUMBER` in its config) says whether it is one. The count is pickled with the
@@ -59,8 +60,12 @@ class PaperPointsASHA(AsyncHyperBandScheduler):
         # meet empty rungs and pass unjudged, and they are honest results at that epoch.
         # ASHAState saves them with the rest, so a resumed search judges against the same rungs.
         action = super().on_trial_result(tune_controller, trial, result)
-        if (action == TrialScheduler.STOP and self._is_paper_point(trial)
-                and result[self._time_attr] < self._max_t):  # at max_t its budget is spent
+        # At max_t the trial's own function ends (it trains max_t epochs): a stop there would
+        # make Tune exit the trial's training thread (`sys.exit` in `tune.report`) while the
+        # actor shuts down, and the thread, still freeing its tensors, aborts the worker
+        # (SIGABRT and a C++ stack trace in the search's output, seen in 2 of the demo's 8).
+        if action == TrialScheduler.STOP and (result[self._time_attr] >= self._max_t
+                                              or self._is_paper_point(trial)):
             self._num_stopped -= 1  # counted by ASHA as it decided to stop it
             return TrialScheduler.CONTINUE
         return action

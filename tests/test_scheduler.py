@@ -48,7 +48,9 @@ def test_a_paper_point_with_a_poor_epoch_continues_where_a_sampled_trial_stops()
     # The point's result is in the rung, and it goes on to the budget, where every trial ends.
     assert s._brackets[0]._rungs[-1][1] == {"t0": 0.9, "t1": 0.5, "t2": 0.5}
     assert [report(s, poor_point, epoch, 0.5) for epoch in (2, 3)] == [CONTINUE, CONTINUE]
-    assert report(s, poor_point, MAX_T, 0.5) == STOP
+    # At the budget the trial's function ends by itself: no trial is stopped there.
+    assert report(s, poor_point, MAX_T, 0.5) == CONTINUE
+    assert report(s, poor_sampled, MAX_T, 0.5) == CONTINUE and s._num_stopped == 1
 
 
 def test_the_points_results_fill_the_rungs_that_judge_sampled_trials():
