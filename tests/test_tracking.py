@@ -262,7 +262,9 @@ def test_artifacts_over_http(mlflow_server, tmp_path):
     assert (mlflow_server.root / "mlartifacts").is_dir()
 
 
-@pytest.mark.slow  # two server starts: ~35 s on the 2-core machine
+# Two server starts (~35 s on the 2-core machine): a repeat, at the level of one trial's run,
+# of what the slow suite's search outages check (test_mlflow_outage), for a person to run.
+@pytest.mark.soak
 def test_a_server_outage_loses_no_metric(tmp_path, monkeypatch):
     """Stopped mid-trial: a call gives up after its retry budget with a message naming the
     server, its metrics wait in the trial, and the next call after the restart sends them."""
