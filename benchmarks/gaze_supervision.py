@@ -100,6 +100,13 @@ CONFIGS = {
     "set3 deconvnet": ("shortcut", {"loss_set": "set3", "generator": "deconvnet"}),
     # rrr trains the plain input gradient; the generator only names the map its val/map/* measure.
     "rrr": ("shortcut", {"loss_set": "rrr", "generator": "gradient"}),
+    # Ross et al.'s penalty as published (the squared input gradient of every output's
+    # log-probability outside the gaze region) through the training forward, its weight in
+    # units of the gradient ratio at initialisation (1: equal pull), 10 beside it.
+    **{f"rrr_abs{suffix}{clean}": (release, {"loss_set": "rrr_abs", "generator": "gradient",
+                                             "rrr_lambda": lam})
+       for suffix, lam in (("", 1.0), (" w10", 10.0))
+       for clean, release in (("", "shortcut"), (" clean", "clean"))},
     # Weight 5 balanced the map term's gradient against the classification term's at
     # initialisation in the first benchmark (its term-gradient table).
     "set1 guided_backprop w5": ("shortcut", {"loss_set": "set1", "generator": "guided_backprop",

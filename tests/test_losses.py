@@ -157,6 +157,7 @@ def test_loss_sets_have_the_named_terms_and_totals():
         "set2": lambda t: t["cls"] + weight * t["mask_map"],
         "set3": lambda t: t["cls"] + weight * (r * t["mask_gaze"] + (1 - r) * t["map_gaze"]),
         "rrr": lambda t: t["cls"] + lam * t["rrr"],
+        "rrr_abs": lambda t: t["cls"] + lam * t["rrr_abs"],
     }
     assert set(expected_totals) == set(LOSS_SETS)
     for loss_set, total in expected_totals.items():
@@ -334,3 +335,48 @@ def test_set1_and_rrr_constrain_the_maps_of_the_chosen_outputs(outputs):
     set1["map_gaze"].backward()  # the maps of every output train the weights of every output
     trained = model.fc.weight.grad.abs().sum(1) > 0
     assert trained.tolist() == ([True, False, True] if outputs == "true_class" else [True] * 3)
+
+
+def test_rrr_abs_is_the_squared_gradient_of_every_output_outside_the_gaze():
+    """Ross et al.'s penalty on logits W x: the input gradient of sum_k log sigma(z_k) is
+    sum_k (1 - sigma(z_k)) W_k, its energy outside the gaze region summed, averaged over images."""
+    from trainable.config import TrialConfig
+    from trainable.loop import compute_terms
+
+    model = Linear()
+    w = model.fc.weight.detach().numpy().astype(np.float64)  # [3, 16]
+    x, y = torch.rand(2, 1, 4, 4), torch.eye(3)[[0, 2]]
+    gaze = torch.rand(2, 1, 4, 4)
+    gaze[:, :, :2] = 0
+    g = gaze[:, 0].numpy()
+    outside = (g < 0.1 * g.max((1, 2), keepdims=True)).reshape(2, 16)
+    z = x.flatten(1).numpy() @ w.T + model.fc.bias.detach().numpy()
+    grad = (1 - 1 / (1 + np.exp(-z))) @ w  # [2, 16]
+    expected = np.mean([(grad[b] ** 2 * outside[b]).sum() for b in range(2)])
+    cfg = TrialConfig.from_dict({"loss_set": "rrr_abs", "rrr_lambda": 3.0})
+    terms = compute_terms(model, x, y, gaze, cfg, rrr_scale=0.5)
+    assert float(terms["rrr_abs"].detach()) == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(terms["total"], terms["cls"] + 3.0 * 0.5 * terms["rrr_abs"])
+    terms["total"].backward()  # through the input gradient into the weights
+    assert model.fc.weight.grad.abs().sum() > 0
+
+
+def test_rrr_abs_cannot_be_saturated_away():
+    """Logits pushed far from zero (what escaped the eval-mode map pass): the negative
+    classes' log-probabilities keep their gradient, so the penalty does not vanish, and an
+    image whose gradient lies inside the gaze region pays nothing however large it is."""
+    from trainable.config import TrialConfig
+    from trainable.loop import compute_terms
+
+    model = Linear()
+    with torch.no_grad():
+        model.fc.weight.mul_(1e3)
+    x, y = torch.rand(2, 1, 4, 4), torch.eye(3)[[0, 2]]
+    gaze = torch.ones(2, 1, 4, 4)
+    gaze[:, :, :2] = 0
+    cfg = TrialConfig.from_dict({"loss_set": "rrr_abs"})
+    saturated = compute_terms(model, x, y, gaze, cfg)["rrr_abs"]
+    assert float(saturated.detach()) > 1.0
+    with torch.no_grad():
+        model.fc.weight.view(3, 4, 4)[:, :2] = 0  # no gradient outside the region
+    assert float(compute_terms(model, x, y, gaze, cfg)["rrr_abs"].detach()) == 0.0

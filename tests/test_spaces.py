@@ -75,7 +75,7 @@ def test_every_sampled_config_is_a_valid_trial_config(name):
         study.tell(trial, 0.5)
     # every branch of the space was reached
     n_generators = 2 if name == "paper" else len(EXTENDED_GENERATORS)
-    n_without = 2 if name == "paper" else 3  # classifier, baseline (and rrr)
+    n_without = 2 if name == "paper" else 4  # classifier, baseline (and rrr, rrr_abs)
     assert len(seen) == 3 * n_generators + n_without
 
 

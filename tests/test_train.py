@@ -26,7 +26,8 @@ def quick(cache, tmp_path, **over):
     return cfg
 
 
-@pytest.mark.parametrize("loss_set", ["classifier", "baseline", "set1", "set2", "set3", "rrr"])
+@pytest.mark.parametrize("loss_set", ["classifier", "baseline", "set1", "set2", "set3", "rrr",
+                                      "rrr_abs"])
 def test_train_every_loss_set(small_cache, tmp_path, loss_set):
     """Two epochs for set3 (every kind of term at once), one for the others to keep CI short."""
     epochs = 2 if loss_set == "set3" else 1
@@ -43,13 +44,17 @@ def test_train_every_loss_set(small_cache, tmp_path, loss_set):
     terms = {k for k in reports[0].metrics if k.startswith("train/") and k != "train/seconds"}
     expected = {"classifier": {"cls"}, "baseline": {"cls", "mask_gaze"}, "set1": {"cls", "map_gaze"},
                 "set2": {"cls", "mask_map"}, "set3": {"cls", "mask_gaze", "map_gaze"},
-                "rrr": {"cls", "rrr"}}[loss_set]
+                "rrr": {"cls", "rrr"}, "rrr_abs": {"cls", "rrr_abs"}}[loss_set]
     assert {f"train/{t}" for t in expected} | {"train/loss"} <= terms
     assert reports[0].is_best  # the first epoch is always the best so far
     assert reports[0].figures and all(p.is_file() for p in reports[0].figures.values())
     _state, config, metrics = load_best(final["checkpoint_dir"])
     assert config["loss_set"] == loss_set and metrics["epoch"] == final["best_epoch"]
     assert final["best/val/auc/mean"] == max(r.metrics["val/auc/mean"] for r in reports)
+    if loss_set == "rrr_abs":  # its unit, measured once, logged and kept for a resume
+        scale = reports[0].metrics["train/rrr_scale"]
+        assert math.isfinite(scale) and scale > 0
+        assert load_torch(final["checkpoint_dir"] + "/state.pt")["rrr_scale"] == scale
 
 
 def test_train_with_the_papers_recipe_and_maps_of_every_output(small_cache, tmp_path):

@@ -63,7 +63,10 @@ class TrialConfig:
                    bounds=(0.0, 1.0))
     loss_weight: float = key(1.0, "weight of the heatmap terms against the classification loss",
                              bounds=(0.0, 1e4))
-    rrr_lambda: float = key(10.0, "rrr: weight of the input-gradient penalty outside the gaze",
+    rrr_lambda: float = key(10.0, "rrr: weight of the input-gradient penalty outside the "
+                            "gaze; rrr_abs: its weight in units of the ratio of the "
+                            "classification's to the penalty's parameter gradient at "
+                            "initialisation (1: the two pull equally hard at the start)",
                             bounds=(0.0, 1e6))
     seg_loss: str = key("cc", "loss of the decoder's mask: cc (1 - Pearson CC) or bce (BCE "
                         "with logits, the paper's)", choices=("cc", "bce"))

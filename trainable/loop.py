@@ -126,12 +126,15 @@ def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -
     scheduler = _scheduler(cfg, optimizer)
 
     ckdir = Path(cfg.checkpoint_dir or tempfile.mkdtemp(prefix="gazetune-trial-")).absolute()
-    start, best_auc, best_epoch = 0, -math.inf, 0
+    start, best_auc, best_epoch, scale = 0, -math.inf, 0, 1.0
     if resume_from is not None:
-        start, best_auc, best_epoch = _resume(Path(resume_from), ckdir, model, optimizer,
-                                              scheduler, gen)
+        start, best_auc, best_epoch, scale = _resume(Path(resume_from), ckdir, model,
+                                                     optimizer, scheduler, gen)
     else:
         train_idx = torch.as_tensor(data.indices("train"), device=device)
+        if LOSS_SETS[cfg.loss_set].input_gradient == "log_probs":
+            # Before the calibration, which resets the running statistics this forward moves.
+            scale = measure_rrr_scale(model, data, train_idx[: cfg.batch_size], cfg)
         calibrate_batchnorm(model, (data.images[train_idx[i : i + cfg.batch_size]]
                                     for i in range(0, min(len(train_idx), 4 * cfg.batch_size),
                                                    cfg.batch_size)))
@@ -140,7 +143,9 @@ def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -
     metrics: dict[str, float] = {}
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        metrics = train_one_epoch(model, data, optimizer, cfg, gen, epoch)
+        metrics = train_one_epoch(model, data, optimizer, cfg, gen, epoch, scale)
+        if LOSS_SETS[cfg.loss_set].input_gradient == "log_probs":
+            metrics["train/rrr_scale"] = scale
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step()
         t1 = time.perf_counter()
@@ -175,6 +180,7 @@ def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -
                 "epoch": epoch + 1,
                 "best_auc": best_auc,
                 "best_epoch": best_epoch,
+                "rrr_scale": scale,
                 "rng": {"torch": torch.get_rng_state(), "loop": gen.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
             },
@@ -203,32 +209,50 @@ class DeviceData:
         return np.asarray(self.cache.indices(name))
 
 
-def compute_terms(model, x, y, gaze, cfg: TrialConfig,
-                  natural: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def compute_terms(model, x, y, gaze, cfg: TrialConfig, natural: torch.Tensor | None = None,
+                  rrr_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """The named loss terms of one batch (train-mode forward first, then any saliency map).
 
     `natural`: the batch's images before their counterexamples were made (`x`), when the
     config weighs a consistency term: they go through the same train-mode forward as `x`
     (one batch, so BatchNorm sees both kinds of image), only their class probabilities enter
-    the loss, through the consistency term.
+    the loss, through the consistency term. `rrr_scale`: rrr_abs's gradient ratio at
+    initialisation (`measure_rrr_scale`), which multiplies `rrr_lambda`.
     """
+    from trainable.fast_conv import fast_grouped_convs
     from trainable.generators import saliency
     from trainable.losses import consistency, loss_terms, reference_gaze_target
 
     spec = LOSS_SETS[cfg.loss_set]
     b = x.shape[0]
-    mask, logits = split_outputs(model(x if natural is None else torch.cat([x, natural])))
+    own_gradient = spec.input_gradient == "log_probs"
+    with fast_grouped_convs(model) if own_gradient else nullcontext():
+        if own_gradient:
+            x = x.detach().requires_grad_(True)
+        mask, logits = split_outputs(model(x if natural is None else torch.cat([x, natural])))
+        input_grad = None
+        if own_gradient:
+            # Ross et al.'s gradient of the summed log-probabilities, here of every sigmoid
+            # output, taken through this train-mode forward: a map pass in eval mode let the
+            # network escape the penalty by saturating its eval-mode outputs while its
+            # train-mode ones stayed sensible (measured). A negative class's log sigma(z) keeps
+            # a gradient of 1 in z however far the classification pushes z down, so the
+            # outputs cannot saturate the penalty away either. (Train-mode BatchNorm couples
+            # the images of the batch: an image's gradient holds a small share from the
+            # others' outputs.)
+            score = torch.nn.functional.logsigmoid(logits[:b].float()).sum()
+            input_grad = torch.autograd.grad(score, x, create_graph=True)[0]
     if natural is not None:
         natural_logits, logits = logits[b:], logits[:b]
         mask = None if mask is None else mask[:b]
-    gen_map = input_grad = None
+    gen_map = None
     # The map passes run after the train-mode forward: they read the BatchNorm running
     # statistics that forward has just updated, and nothing mutates them afterwards.
     if spec.uses_map:
         images, target = map_batch(x, y, cfg)
         gen_map = saliency(model, images, target, cfg.generator,
                            create_graph=spec.trains_through_map)
-    elif spec.input_gradient:
+    elif spec.input_gradient == "map":
         images, target = map_batch(x, y, cfg)
         input_grad = saliency(model, images, target, "gradient", create_graph=True)
     if applies("gaze_target", cfg.loss_set) and cfg.gaze_target == "reference":
@@ -237,7 +261,7 @@ def compute_terms(model, x, y, gaze, cfg: TrialConfig,
         gaze = reference_gaze_target(gaze)
     terms = loss_terms(cfg.loss_set, logits=logits, labels=y, mask_logits=mask, gen_map=gen_map,
                        gaze=gaze, input_grad=input_grad, r=cfg.r, weight=cfg.loss_weight,
-                       rrr_lambda=cfg.rrr_lambda, seg_loss=cfg.seg_loss)
+                       rrr_lambda=cfg.rrr_lambda * rrr_scale, seg_loss=cfg.seg_loss)
     if natural is not None:
         terms["consistency"] = consistency(logits, natural_logits)
         terms["total"] = terms["total"] + cfg.counterexample_consistency * terms["consistency"]
@@ -267,7 +291,34 @@ def map_batch(x, y, cfg: TrialConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return x.repeat(y.shape[1], 1, 1, 1), classes.repeat_interleave(x.shape[0])
 
 
-def train_one_epoch(model, data: DeviceData, optimizer, cfg: TrialConfig, gen, epoch: int) -> dict:
+def measure_rrr_scale(model, data: DeviceData, idx: torch.Tensor,
+                      cfg: TrialConfig) -> float:
+    """rrr_abs's unit: the norm of the classification term's parameter gradient over that of
+    the penalty's, on the images `idx` (the first training batch, as they are) with the
+    initial weights.
+
+    The penalty's scale follows the network: on the shortcut benchmark's ResNet its gradient
+    was ~10^3 times the classification's at initialisation, so Ross et al.'s lambda ~10^3 (for
+    MNIST networks) does not transfer, and rrr_lambda = 1 means the same pull for every
+    encoder and image size. Measured once and kept in the checkpoint: rescaled every step, the
+    weight would fall as the penalty does its work.
+    """
+    x, gaze, y = data.images[idx], data.heatmaps[idx], data.labels[idx]
+    terms = compute_terms(model, x, y, gaze, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def norm(term: str) -> float:
+        grads = torch.autograd.grad(terms[term], params, retain_graph=True, allow_unused=True)
+        return math.sqrt(sum(float(g.square().sum()) for g in grads if g is not None))
+
+    cls, penalty = norm("cls"), norm(LOSS_SETS[cfg.loss_set].terms[0])
+    model.zero_grad(set_to_none=True)
+    # A penalty without gradient (no gaze region outside, a constant network) leaves the unit 1.
+    return cls / penalty if penalty > 0 and math.isfinite(cls / penalty) else 1.0
+
+
+def train_one_epoch(model, data: DeviceData, optimizer, cfg: TrialConfig, gen, epoch: int,
+                    rrr_scale: float = 1.0) -> dict:
     model.train()
     idx = torch.from_numpy(data.indices("train"))
     order = idx[torch.randperm(len(idx), generator=gen)].to(data.images.device)
@@ -291,7 +342,7 @@ def train_one_epoch(model, data: DeviceData, optimizer, cfg: TrialConfig, gen, e
             natural = None if natural is None else natural.contiguous(
                 memory_format=torch.channels_last)
         with _autocast(cfg, x.device):
-            terms = compute_terms(model, x, y, gaze, cfg, natural)
+            terms = compute_terms(model, x, y, gaze, cfg, natural, rrr_scale)
         values = {k: float(v.detach()) for k, v in terms.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
@@ -505,7 +556,8 @@ class CyclicFactor:
         return self.min + (1 - self.min) * max(0.0, 1 - x) / 2 ** (cycle - 1)
 
 
-def _resume(src: Path, ckdir: Path, model, optimizer, scheduler, gen) -> tuple[int, float, int]:
+def _resume(src: Path, ckdir: Path, model, optimizer, scheduler, gen
+            ) -> tuple[int, float, int, float]:
     if src.absolute() != ckdir:
         shutil.copytree(src, ckdir, dirs_exist_ok=True)
     state = checkpoint.load_torch(ckdir / "state.pt")
@@ -516,7 +568,7 @@ def _resume(src: Path, ckdir: Path, model, optimizer, scheduler, gen) -> tuple[i
     gen.set_state(state["rng"]["loop"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["epoch"], state["best_auc"], state["best_epoch"]
+    return state["epoch"], state["best_auc"], state["best_epoch"], state.get("rrr_scale", 1.0)
 
 
 def _cpu_state(model) -> dict:

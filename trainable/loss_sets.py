@@ -23,7 +23,11 @@ class LossSet:
     trains_through_map: bool  # the map is differentiable w.r.t. the weights (create_graph)
     uses_mask: bool  # the loss needs the U-Net decoder's mask
     decoder: bool  # the network is the U-Net (mask and logits); False: encoder and head only
-    input_gradient: bool  # rrr's differentiable input gradient
+    # The differentiable input gradient whose energy outside the gaze a penalty takes: "map"
+    # (rrr: of the constrained outputs' logits, in the eval-mode map pass), "log_probs"
+    # (rrr_abs: of the summed log-probabilities of every output, through the training forward
+    # itself), or None.
+    input_gradient: str | None
     keys: tuple[str, ...]  # the TrialConfig keys that apply to it beyond the shared ones
 
     def __post_init__(self):
@@ -31,6 +35,9 @@ class LossSet:
             raise ValueError(f"loss set {self.name!r}: trains through a map it does not compute")
         if self.uses_mask and not self.decoder:
             raise ValueError(f"loss set {self.name!r}: needs a mask but has no decoder")
+        if self.input_gradient not in (None, "map", "log_probs"):
+            raise ValueError(f"loss set {self.name!r}: unknown input gradient "
+                             f"{self.input_gradient!r}")
         if self.uses_map != ("generator" in self.keys):
             raise ValueError(f"loss set {self.name!r}: the generator key applies exactly when "
                              f"a map is computed")
@@ -39,25 +46,29 @@ class LossSet:
 LOSS_SETS: dict[str, LossSet] = {s.name: s for s in (
     LossSet("classifier", "classification only: the U-Net's encoder and head, no decoder",
             terms=(), uses_map=False, trains_through_map=False, uses_mask=False,
-            decoder=False, input_gradient=False, keys=()),
+            decoder=False, input_gradient=None, keys=()),
     LossSet("baseline", "the decoder's mask is trained towards the gaze heatmap",
             terms=("mask_gaze",), uses_map=False, trains_through_map=False, uses_mask=True,
-            decoder=True, input_gradient=False,
+            decoder=True, input_gradient=None,
             keys=("loss_weight", "seg_loss", "gaze_target")),
     LossSet("set1", "the generator's map is trained towards the gaze heatmap",
             terms=("map_gaze",), uses_map=True, trains_through_map=True, uses_mask=False,
-            decoder=True, input_gradient=False,
+            decoder=True, input_gradient=None,
             keys=("generator", "loss_weight", "gaze_target", "map_outputs")),
     LossSet("set2", "the decoder's mask is trained towards the generator's map (a fixed target)",
             terms=("mask_map",), uses_map=True, trains_through_map=False, uses_mask=True,
-            decoder=True, input_gradient=False, keys=("generator", "loss_weight", "seg_loss")),
+            decoder=True, input_gradient=None, keys=("generator", "loss_weight", "seg_loss")),
     LossSet("set3", "r * baseline's mask term + (1 - r) * set1's map term",
             terms=("mask_gaze", "map_gaze"), uses_map=True, trains_through_map=True,
-            uses_mask=True, decoder=True, input_gradient=False,
+            uses_mask=True, decoder=True, input_gradient=None,
             keys=("generator", "r", "loss_weight", "seg_loss", "gaze_target", "map_outputs")),
     LossSet("rrr", "right for the right reasons: input-gradient energy outside the gaze",
             terms=("rrr",), uses_map=False, trains_through_map=False, uses_mask=False,
-            decoder=True, input_gradient=True, keys=("rrr_lambda", "map_outputs")),
+            decoder=True, input_gradient="map", keys=("rrr_lambda", "map_outputs")),
+    LossSet("rrr_abs", "Ross et al.'s right for the right reasons: squared input gradient of "
+            "the summed log-probabilities outside the gaze, in the training forward",
+            terms=("rrr_abs",), uses_map=False, trains_through_map=False, uses_mask=False,
+            decoder=True, input_gradient="log_probs", keys=("rrr_lambda",)),
 )}
 
 # The keys that apply to some loss sets only; every other config key applies to all of them.
@@ -71,8 +82,8 @@ def applies(key: str, loss_set: str) -> bool:
     rrr_lambda, seg_loss, gaze_target, map_outputs) only for the sets that list it: no
     generator for classifier, baseline and rrr, `r` only for set3, `seg_loss` where a mask is
     trained (baseline, set2, set3), `gaze_target` where the gaze heatmap is a loss's target
-    (baseline, set1, set3; rrr only thresholds it into a region), `map_outputs` where a map of
-    the classifier is constrained (set1, set3, rrr). (`generator` still names the map that
+    (baseline, set1, set3; rrr and rrr_abs only threshold it into a region), `map_outputs` where
+    a map of chosen outputs is constrained (set1, set3, rrr; rrr_abs takes every output's). (`generator` still names the map that
     `val/map/*` and the figures measure for every set.)
 
     Raises:

@@ -12,8 +12,11 @@ is `map_alignment`, 1 - Pearson CC, so that Set 3's ratio r mixes comparable qua
 | set2       | cls + weight * mask_map      (G is the target)     |
 | set3       | cls + weight * (r * mask_gaze + (1 - r) * map_gaze) |
 | rrr        | cls + rrr_lambda * rrr                             |
+| rrr_abs    | cls + rrr_lambda * scale * rrr_abs                 |
 
-with mask_gaze = L(sigmoid(M), E), map_gaze = L(G, E), mask_map = L(sigmoid(M), G.detach()).
+with mask_gaze = L(sigmoid(M), E), map_gaze = L(G, E), mask_map = L(sigmoid(M), G.detach()),
+and `scale` the ratio of the two terms' parameter gradients at initialisation
+(`trainable.loop.measure_rrr_scale`).
 Each set's terms and what they need are in the registry, `trainable.loss_sets.LOSS_SETS`.
 
 The paper's recipe is available beside these defaults: `seg_loss="bce"` trains the mask terms
@@ -197,6 +200,30 @@ def rrr_penalty(input_grad: Tensor, gaze: Tensor, threshold: float = 0.1) -> Ten
         return fraction.mean()
 
 
+def rrr_abs_penalty(input_grad: Tensor, gaze: Tensor, threshold: float = 0.1) -> Tensor:
+    """Ross et al.'s (2017) penalty as published: the squared input gradient outside the gaze
+    region, summed over pixels and channels, averaged over images.
+
+    The region is `rrr_penalty`'s. Unlike that fraction it cannot be lowered by inflating the
+    gradient inside the region, only by removing it outside; its scale follows the network, so
+    the loop weighs it in units of its gradient ratio at initialisation
+    (`trainable.loop.measure_rrr_scale`).
+
+    Shape:
+        input_grad [B, C, H, W], gaze [B, 1, H, W] -> scalar.
+    """
+    if input_grad.shape[0] != gaze.shape[0] or input_grad.shape[2:] != gaze.shape[2:]:
+        raise ValueError(
+            f"rrr_abs_penalty: input_grad {tuple(input_grad.shape)} and gaze "
+            f"{tuple(gaze.shape)} differ in batch or spatial size"
+        )
+    with torch.autocast(input_grad.device.type, enabled=False):
+        energy = input_grad.float().square().sum(1)
+        gaze = gaze.float().sum(1)
+        outside = gaze < threshold * gaze.amax((1, 2), keepdim=True)
+        return (energy * outside).sum((1, 2)).mean()
+
+
 def consistency(logits: Tensor, other: Tensor) -> Tensor:
     """Jensen-Shannon divergence between the class probabilities of two views of each image,
     per class (the outputs are independent sigmoids, each a Bernoulli), averaged; in nats,
@@ -228,11 +255,12 @@ def loss_terms(loss_set: str, *, logits: Tensor, labels: Tensor,
         gen_map: the generator map G [B, C, H, W] (set1, set3 differentiable; set2 any); for
             set1/set3 also [K * B, C, H, W], the maps of K outputs (`gaze_per_map`).
         gaze: the gaze heatmap E [B, 1, H, W] (all but classifier and set2).
-        input_grad: the plain input gradient, differentiable (rrr); [B, C, H, W], or
-            [K * B, C, H, W] as gen_map.
+        input_grad: the plain input gradient, differentiable (rrr, rrr_abs); [B, C, H, W], or
+            [K * B, C, H, W] as gen_map (rrr).
         r: set3's share of the mask term.
         weight: weight of the heatmap terms against cls.
-        rrr_lambda: weight of the rrr term.
+        rrr_lambda: weight of the rrr or rrr_abs term (for rrr_abs the loop passes it
+            times the term's gradient ratio at initialisation).
         seg_loss: the mask terms' loss, "cc" or "bce" (`mask_loss`).
 
     Returns:
@@ -262,7 +290,8 @@ def loss_terms(loss_set: str, *, logits: Tensor, labels: Tensor,
             terms[term] = mask_loss(need("mask_logits", mask_logits), target, seg_loss)
         else:
             g = need("input_grad", input_grad)
-            terms[term] = rrr_penalty(g, gaze_per_map(need("gaze", gaze), g))
+            penalty = rrr_abs_penalty if term == "rrr_abs" else rrr_penalty
+            terms[term] = penalty(g, gaze_per_map(need("gaze", gaze), g))
 
     terms["total"] = terms["cls"] + _heatmap_loss(spec, terms, r, weight, rrr_lambda)
     return terms
@@ -272,6 +301,6 @@ def _heatmap_loss(spec: loss_sets.LossSet, terms: dict[str, Tensor], r: float, w
                   rrr_lambda: float) -> Tensor | float:
     if "r" in spec.keys:  # set3: r shares the weight between the mask and the map term
         return weight * (r * terms["mask_gaze"] + (1 - r) * terms["map_gaze"])
-    if spec.input_gradient:  # rrr: weighted by its own lambda
-        return rrr_lambda * terms["rrr"]
+    if spec.input_gradient:  # rrr, rrr_abs: weighted by their own lambda
+        return rrr_lambda * terms[spec.terms[0]]
     return weight * sum(terms[name] for name in spec.terms)  # 0 for classifier
