@@ -59,11 +59,14 @@ def _paper_point(loss_set: str, generator: str | None = None) -> dict:
         point["r"] = 0.5
     if applies("loss_weight", loss_set):
         point["loss_weight"] = 1.0
-    # The recipe too, where the set uses it, and the paper's plain training images: a point
-    # then fits the extended space, which searches these keys, as it fits the paper's (which
-    # suggests no counterexample: Optuna ignores a queued key the space does not ask for).
+    # The recipe too, where the set uses it, the paper's plain training images and constant
+    # classification weight: a point then fits the extended space, which searches these keys,
+    # as it fits the paper's (which suggests neither counterexample nor ramp: Optuna ignores a
+    # queued key the space does not ask for).
     point.update({k: v for k, v in RECIPE.items() if applies(k, loss_set)})
     point["counterexample"] = "none"
+    if applies("cls_ramp", loss_set):  # the paper weighs every term alike from the first step
+        point["cls_ramp"] = 0.0
     return point
 
 

@@ -40,16 +40,17 @@ def test_extended_space_adds_generators_rrr_and_counterexamples():
     swap = {"counterexample": "swap", "counterexample_outline": "batch",
             "counterexample_consistency": 10.0}
     rrr = sample(SPACES["extended"], optuna.trial.FixedTrial(
-        {"loss_set": "rrr", "rrr_lambda": 5.0, **swap, **SHARED}))
-    assert rrr == {"loss_set": "rrr", "rrr_lambda": 5.0, **swap, **SHARED}
+        {"loss_set": "rrr", "rrr_lambda": 5.0, "cls_ramp": 2.0, **swap, **SHARED}))
+    assert rrr == {"loss_set": "rrr", "rrr_lambda": 5.0, "cls_ramp": 2.0, **swap, **SHARED}
     TrialConfig.from_dict(rrr)
     for generator in ("gradient", "gradcam"):
         params = {"loss_set": "set1", "generator": generator, "loss_weight": 1.0,
-                  "gaze_target": "heatmap", "counterexample": "none", **SHARED}
+                  "gaze_target": "heatmap", "cls_ramp": 0.0, "counterexample": "none",
+                  **SHARED}
         assert sample(SPACES["extended"], optuna.trial.FixedTrial(params)) == params
     # the project's defaults beside the paper's recipe
     params = {"loss_set": "baseline", "loss_weight": 1.0, "seg_loss": "cc",
-              "gaze_target": "heatmap", "counterexample": "blur",
+              "gaze_target": "heatmap", "cls_ramp": 1.0, "counterexample": "blur",
               "counterexample_outline": "own", "counterexample_consistency": 0.0, **SHARED}
     assert sample(SPACES["extended"], optuna.trial.FixedTrial(params)) == params
 
@@ -101,7 +102,7 @@ def test_paper_points_are_the_eight_configurations_and_fit_each_space(name):
 
 def paper_part(point: dict) -> dict:
     """A point without what only the extended space asks for."""
-    return {k: v for k, v in point.items() if k != "counterexample"}
+    return {k: v for k, v in point.items() if k not in ("counterexample", "cls_ramp")}
 
 
 def test_paper_points_are_queued_first_by_optuna():

@@ -134,3 +134,20 @@ def test_cyclic_schedule_matches_the_dataset_authors():
     effective = [lr * f(e) for e in range(7)]
     np.testing.assert_allclose(effective, [8.2e-5, 4.6e-3, 9.1e-3, 4.6e-3, 8.2e-5, 2.3e-3, 4.6e-3],
                                rtol=0.03)
+
+
+def test_the_classification_ramp_weighs_the_term_step_by_step(small_cache, tmp_path):
+    from trainable.loop import cls_weight
+
+    cfg = TrialConfig.from_dict({"loss_set": "baseline", "cls_ramp": 2.0})
+    assert [cls_weight(cfg, p) for p in (0, 0.5, 1, 2, 3)] == [0, 0.25, 0.5, 1, 1]
+    off = TrialConfig.from_dict({"loss_set": "baseline"})
+    assert cls_weight(off, 0) == 1 and cls_weight(
+        TrialConfig.from_dict({"loss_set": "classifier", "cls_ramp": 2.0}), 0) == 1
+    # Wired into training: with a ramp far longer than the run, the total is the mask term.
+    reports: list[EpochReport] = []
+    train(quick(small_cache, tmp_path, loss_set="baseline", epochs=1, figures=0,
+                cls_ramp=1e4), report=reports.append)
+    m = reports[0].metrics
+    assert m["train/loss"] == pytest.approx(m["train/mask_gaze"], abs=1e-3 * m["train/cls"])
+    assert m["train/cls"] > 0.1

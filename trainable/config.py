@@ -68,6 +68,10 @@ class TrialConfig:
                             "classification's to the penalty's parameter gradient at "
                             "initialisation (1: the two pull equally hard at the start)",
                             bounds=(0.0, 1e6))
+    cls_ramp: float = key(0.0, "epochs over which the classification term's weight rises "
+                          "linearly from 0 to 1, step by step, so that the gaze terms shape the "
+                          "network before the labels can teach it a shortcut; 0: weight 1 "
+                          "from the first step", bounds=(0.0, 1e4))
     seg_loss: str = key("cc", "loss of the decoder's mask: cc (1 - Pearson CC) or bce (BCE "
                         "with logits, the paper's)", choices=("cc", "bce"))
     gaze_target: str = key("heatmap", "gaze target of the losses: heatmap (as cached) or "

@@ -317,6 +317,15 @@ def measure_rrr_scale(model, data: DeviceData, idx: torch.Tensor,
     return cls / penalty if penalty > 0 and math.isfinite(cls / penalty) else 1.0
 
 
+def cls_weight(cfg: TrialConfig, progress: float) -> float:
+    """The classification term's weight after `progress` epochs (`cls_ramp`): the shortcut of
+    the gaze benchmark is learnt in one or two epochs, before a gaze term whose weight is
+    constant from step 0 has shaped anything."""
+    if cfg.cls_ramp == 0 or not applies("cls_ramp", cfg.loss_set):
+        return 1.0
+    return min(1.0, progress / cfg.cls_ramp)
+
+
 def train_one_epoch(model, data: DeviceData, optimizer, cfg: TrialConfig, gen, epoch: int,
                     rrr_scale: float = 1.0) -> dict:
     model.train()
@@ -324,6 +333,7 @@ def train_one_epoch(model, data: DeviceData, optimizer, cfg: TrialConfig, gen, e
     order = idx[torch.randperm(len(idx), generator=gen)].to(data.images.device)
     sums: dict[str, float] = defaultdict(float)
     seen = 0
+    steps = math.ceil(len(order) / cfg.batch_size)
     for step, start in enumerate(range(0, len(order), cfg.batch_size)):
         b = order[start : start + cfg.batch_size]
         if len(b) < 2:  # a 1-image batch breaks train-mode BatchNorm
@@ -343,6 +353,9 @@ def train_one_epoch(model, data: DeviceData, optimizer, cfg: TrialConfig, gen, e
                 memory_format=torch.channels_last)
         with _autocast(cfg, x.device):
             terms = compute_terms(model, x, y, gaze, cfg, natural, rrr_scale)
+            ramp = cls_weight(cfg, epoch + step / steps)
+            if ramp < 1:  # the logged cls stays the unweighted term
+                terms["total"] = terms["total"] - (1 - ramp) * terms["cls"]
         values = {k: float(v.detach()) for k, v in terms.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:

@@ -50,25 +50,27 @@ LOSS_SETS: dict[str, LossSet] = {s.name: s for s in (
     LossSet("baseline", "the decoder's mask is trained towards the gaze heatmap",
             terms=("mask_gaze",), uses_map=False, trains_through_map=False, uses_mask=True,
             decoder=True, input_gradient=None,
-            keys=("loss_weight", "seg_loss", "gaze_target")),
+            keys=("loss_weight", "seg_loss", "gaze_target", "cls_ramp")),
     LossSet("set1", "the generator's map is trained towards the gaze heatmap",
             terms=("map_gaze",), uses_map=True, trains_through_map=True, uses_mask=False,
             decoder=True, input_gradient=None,
-            keys=("generator", "loss_weight", "gaze_target", "map_outputs")),
+            keys=("generator", "loss_weight", "gaze_target", "map_outputs", "cls_ramp")),
     LossSet("set2", "the decoder's mask is trained towards the generator's map (a fixed target)",
             terms=("mask_map",), uses_map=True, trains_through_map=False, uses_mask=True,
-            decoder=True, input_gradient=None, keys=("generator", "loss_weight", "seg_loss")),
+            decoder=True, input_gradient=None,
+            keys=("generator", "loss_weight", "seg_loss", "cls_ramp")),
     LossSet("set3", "r * baseline's mask term + (1 - r) * set1's map term",
             terms=("mask_gaze", "map_gaze"), uses_map=True, trains_through_map=True,
             uses_mask=True, decoder=True, input_gradient=None,
-            keys=("generator", "r", "loss_weight", "seg_loss", "gaze_target", "map_outputs")),
+            keys=("generator", "r", "loss_weight", "seg_loss", "gaze_target", "map_outputs",
+                  "cls_ramp")),
     LossSet("rrr", "right for the right reasons: input-gradient energy outside the gaze",
             terms=("rrr",), uses_map=False, trains_through_map=False, uses_mask=False,
-            decoder=True, input_gradient="map", keys=("rrr_lambda", "map_outputs")),
+            decoder=True, input_gradient="map", keys=("rrr_lambda", "map_outputs", "cls_ramp")),
     LossSet("rrr_abs", "Ross et al.'s right for the right reasons: squared input gradient of "
             "the summed log-probabilities outside the gaze, in the training forward",
             terms=("rrr_abs",), uses_map=False, trains_through_map=False, uses_mask=False,
-            decoder=True, input_gradient="log_probs", keys=("rrr_lambda",)),
+            decoder=True, input_gradient="log_probs", keys=("rrr_lambda", "cls_ramp")),
 )}
 
 # The keys that apply to some loss sets only; every other config key applies to all of them.
@@ -79,11 +81,12 @@ def applies(key: str, loss_set: str) -> bool:
     """Whether config `key` matters to the training of a `loss_set` trial.
 
     Every shared key does; a set-specific key (`SET_KEYS`: generator, r, loss_weight,
-    rrr_lambda, seg_loss, gaze_target, map_outputs) only for the sets that list it: no
+    rrr_lambda, seg_loss, gaze_target, map_outputs, cls_ramp) only for the sets that list it: no
     generator for classifier, baseline and rrr, `r` only for set3, `seg_loss` where a mask is
     trained (baseline, set2, set3), `gaze_target` where the gaze heatmap is a loss's target
     (baseline, set1, set3; rrr and rrr_abs only threshold it into a region), `map_outputs` where
-    a map of chosen outputs is constrained (set1, set3, rrr; rrr_abs takes every output's). (`generator` still names the map that
+    a map of chosen outputs is constrained (set1, set3, rrr; rrr_abs takes every output's),
+    `cls_ramp` wherever a term beside the classification's is trained (all but classifier). (`generator` still names the map that
     `val/map/*` and the figures measure for every set.)
 
     Raises:
