@@ -11,8 +11,8 @@ from pathlib import Path
 from ray.tune import Callback
 
 from search.searcher import TRIAL_NUMBER
-from trainable.config import METRIC
-from trainable.loss_sets import LOSS_SETS, applies
+from trainable.config import METRIC, matters
+from trainable.loss_sets import LOSS_SETS
 
 
 def stopped_early(trial, max_t: int) -> bool:
@@ -35,7 +35,7 @@ def failure_reason(trial) -> str:
 
 def describe(config: dict) -> str:
     """A trial's sampled configuration in one short line."""
-    method = loss_set = config.get("loss_set", "?")
+    method = config.get("loss_set", "?")
     if config.get("generator") and method in LOSS_SETS and LOSS_SETS[method].uses_map:
         method += f"/{config['generator']}"
     # What did nothing for this loss set (a space's constant such as seg_loss for the
@@ -43,7 +43,7 @@ def describe(config: dict) -> str:
     rest = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in config.items()
                     if k not in ("loss_set", "generator", TRIAL_NUMBER)
-                    and (loss_set not in LOSS_SETS or applies(k, loss_set)))
+                    and matters(k, config))
     number = f"#{config[TRIAL_NUMBER]} " if TRIAL_NUMBER in config else ""
     return f"{number}{method} {rest}".strip()
 

@@ -29,8 +29,9 @@ from functools import cache, partial
 from pathlib import Path
 from typing import TypeVar
 
+from trainable.config import matters
 from trainable.errors import GazetuneError
-from trainable.loss_sets import LOSS_SETS, applies
+from trainable.loss_sets import LOSS_SETS
 
 log = logging.getLogger(__name__)
 
@@ -620,12 +621,9 @@ def _terminate(client, run_id: str, status: str, pruned: bool, failure: str | No
 
 
 def applying(config: Mapping) -> dict:
-    """The keys of a trial config that matter to its loss set (`trainable.loss_sets.applies`),
+    """The keys of a trial config that matter to its training (`trainable.config.matters`),
     without the trial's scratch folder: what a person compares runs by."""
-    loss_set = config.get("loss_set", "baseline")
-    if loss_set not in LOSS_SETS:  # refused by TrialConfig before any run; keep it all here
-        return {k: v for k, v in config.items() if k != "checkpoint_dir"}
-    return {k: v for k, v in config.items() if k != "checkpoint_dir" and applies(k, loss_set)}
+    return {k: v for k, v in config.items() if k != "checkpoint_dir" and matters(k, config)}
 
 
 def method_tags(config: Mapping) -> dict[str, str]:

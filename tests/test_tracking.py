@@ -114,14 +114,21 @@ def test_a_retried_trial_continues_its_one_run(store, tmp_path):
 def test_a_trial_run_is_named_and_tagged_for_a_person(store):
     uri, experiment_id, parent = store
     config = {"loss_set": "classifier", "generator": "deconvnet", "r": 0.9, "lr": 1e-3,
-              "checkpoint_dir": "/scratch"}
+              "checkpoint_dir": "/scratch", "counterexample": "none",
+              "counterexample_outline": "batch", "cls_ramp": 2.0}
     run = TrialRun(uri, experiment_id, parent, "named_1", config, number=7)
     run.finish(pruned=True)
     got = MlflowClient(uri).get_run(run.run_id)
     assert got.info.run_name == "07 classifier"
     assert got.data.tags["trial_number"] == "7" and got.data.tags["pruned"] == "true"
     assert "generator" not in got.data.tags  # a classifier computes no map
-    assert set(got.data.params) == {"loss_set", "lr"}  # no generator, r or scratch path
+    # No generator, r or ramp (nothing beside cls), no scratch path, no outline without
+    # counterexamples.
+    assert set(got.data.params) == {"loss_set", "lr", "counterexample"}
+    swapped = TrialRun(uri, experiment_id, parent, "named_3",
+                       {**config, "counterexample": "swap"}, number=8)
+    assert set(MlflowClient(uri).get_run(swapped.run_id).data.params) == {
+        "loss_set", "lr", "counterexample", "counterexample_outline"}
     set3 = TrialRun(uri, experiment_id, parent, "named_2", {**config, "loss_set": "set3"},
                     number=12)
     assert MlflowClient(uri).get_run(set3.run_id).info.run_name == "12 set3 deconvnet"

@@ -32,6 +32,18 @@ METRIC = "val/auc/mean"  # what model selection (trainable.loop) and the search 
 SELECTION_METRICS = {"auc": METRIC, "gaze_auc": "val/gaze_auc/mean"}
 
 
+def matters(key: str, config) -> bool:
+    """Whether config `key` changes the training of a trial whose config (a mapping) is
+    `config`: it applies to the trial's loss set (`trainable.loss_sets.applies`), and the
+    settings of counterexamples only while `counterexample` is on. What a person compares
+    runs by: MLflow's params and the search's progress lines list only these."""
+    loss_set = config.get("loss_set", "baseline")
+    if loss_set in loss_sets.LOSS_SETS and not loss_sets.applies(key, loss_set):
+        return False
+    return not (key.startswith("counterexample_")
+                and config.get("counterexample", "none") == "none")
+
+
 class ConfigError(GazetuneError, ValueError):
     """A trial config with an unknown key, a wrong type or an impossible value."""
 
