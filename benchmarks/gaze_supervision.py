@@ -107,6 +107,12 @@ CONFIGS = {
                                              "rrr_lambda": lam})
        for suffix, lam in (("", 1.0), (" w10", 10.0))
        for clean, release in (("", "shortcut"), (" clean", "clean"))},
+    # The same with the classification term ramped in over two epochs: the penalty alone shapes
+    # the first steps, before the marker (learnt within the first epoch) can be.
+    **{f"rrr_abs{suffix} ramp2{clean}": (release, {
+        "loss_set": "rrr_abs", "generator": "gradient", "rrr_lambda": lam, "cls_ramp": 2.0})
+       for suffix, lam in (("", 1.0), (" w10", 10.0))
+       for clean, release in (("", "shortcut"), (" clean", "clean"))},
     # Weight 5 balanced the map term's gradient against the classification term's at
     # initialisation in the first benchmark (its term-gradient table).
     "set1 guided_backprop w5": ("shortcut", {"loss_set": "set1", "generator": "guided_backprop",
