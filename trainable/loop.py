@@ -125,6 +125,8 @@ def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -
     optimizer = _optimizer(cfg, model)
     scheduler = _scheduler(cfg, optimizer)
 
+    # rrr_abs's unit (`measure_rrr_scale`); 1 for every other loss set.
+    scaled = LOSS_SETS[cfg.loss_set].input_gradient == "log_probs"
     ckdir = Path(cfg.checkpoint_dir or tempfile.mkdtemp(prefix="gazetune-trial-")).absolute()
     start, best_auc, best_epoch, scale = 0, -math.inf, 0, 1.0
     if resume_from is not None:
@@ -132,7 +134,7 @@ def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -
                                                      optimizer, scheduler, gen)
     else:
         train_idx = torch.as_tensor(data.indices("train"), device=device)
-        if LOSS_SETS[cfg.loss_set].input_gradient == "log_probs":
+        if scaled:
             # Before the calibration, which resets the running statistics this forward moves.
             scale = measure_rrr_scale(model, data, train_idx[: cfg.batch_size], cfg)
         calibrate_batchnorm(model, (data.images[train_idx[i : i + cfg.batch_size]]
@@ -144,7 +146,7 @@ def _train(cfg: TrialConfig, device: torch.device, cache, report, resume_from) -
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         metrics = train_one_epoch(model, data, optimizer, cfg, gen, epoch, scale)
-        if LOSS_SETS[cfg.loss_set].input_gradient == "log_probs":
+        if scaled:
             metrics["train/rrr_scale"] = scale
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step()

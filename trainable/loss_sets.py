@@ -86,8 +86,8 @@ def applies(key: str, loss_set: str) -> bool:
     trained (baseline, set2, set3), `gaze_target` where the gaze heatmap is a loss's target
     (baseline, set1, set3; rrr and rrr_abs only threshold it into a region), `map_outputs` where
     a map of chosen outputs is constrained (set1, set3, rrr; rrr_abs takes every output's),
-    `cls_ramp` wherever a term beside the classification's is trained (all but classifier). (`generator` still names the map that
-    `val/map/*` and the figures measure for every set.)
+    `cls_ramp` wherever a term beside the classification's is trained (all but classifier).
+    (`generator` still names the map that `val/map/*` and the figures measure for every set.)
 
     Raises:
         KeyError: an unknown loss set.

@@ -184,18 +184,12 @@ def rrr_penalty(input_grad: Tensor, gaze: Tensor, threshold: float = 0.1) -> Ten
     Shape:
         input_grad [B, C, H, W], gaze [B, 1, H, W] -> scalar.
     """
-    if input_grad.shape[0] != gaze.shape[0] or input_grad.shape[2:] != gaze.shape[2:]:
-        raise ValueError(
-            f"rrr_penalty: input_grad {tuple(input_grad.shape)} and gaze {tuple(gaze.shape)} "
-            "differ in batch or spatial size"
-        )
+    outside = _outside_gaze("rrr_penalty", input_grad, gaze, threshold)
     with torch.autocast(input_grad.device.type, enabled=False):
         g = input_grad.float()
         # Scaled by the detached maximum before squaring, so tiny gradients do not underflow.
         peak = g.detach().abs().amax((1, 2, 3), keepdim=True)
         energy = (g / peak.clamp_min(_PEAK_FLOOR)).square().sum(1)
-        gaze = gaze.float().sum(1)
-        outside = gaze < threshold * gaze.amax((1, 2), keepdim=True)
         fraction = (energy * outside).sum((1, 2)) / (energy.sum((1, 2)) + _VAR_EPS)
         return fraction.mean()
 
@@ -212,16 +206,26 @@ def rrr_abs_penalty(input_grad: Tensor, gaze: Tensor, threshold: float = 0.1) ->
     Shape:
         input_grad [B, C, H, W], gaze [B, 1, H, W] -> scalar.
     """
-    if input_grad.shape[0] != gaze.shape[0] or input_grad.shape[2:] != gaze.shape[2:]:
-        raise ValueError(
-            f"rrr_abs_penalty: input_grad {tuple(input_grad.shape)} and gaze "
-            f"{tuple(gaze.shape)} differ in batch or spatial size"
-        )
+    outside = _outside_gaze("rrr_abs_penalty", input_grad, gaze, threshold)
     with torch.autocast(input_grad.device.type, enabled=False):
         energy = input_grad.float().square().sum(1)
-        gaze = gaze.float().sum(1)
-        outside = gaze < threshold * gaze.amax((1, 2), keepdim=True)
         return (energy * outside).sum((1, 2)).mean()
+
+
+def _outside_gaze(caller: str, input_grad: Tensor, gaze: Tensor, threshold: float) -> Tensor:
+    """The rrr penalties' region, inverted: where the gaze heatmap stays below `threshold` of
+    its per-image maximum (a heatmap of zeros has no region to leave: nothing is outside).
+
+    Shape:
+        input_grad [B, C, H, W], gaze [B, 1, H, W] -> bool [B, H, W].
+    """
+    if input_grad.shape[0] != gaze.shape[0] or input_grad.shape[2:] != gaze.shape[2:]:
+        raise ValueError(
+            f"{caller}: input_grad {tuple(input_grad.shape)} and gaze {tuple(gaze.shape)} "
+            "differ in batch or spatial size"
+        )
+    gaze = gaze.float().sum(1)
+    return gaze < threshold * gaze.amax((1, 2), keepdim=True)
 
 
 def consistency(logits: Tensor, other: Tensor) -> Tensor:
