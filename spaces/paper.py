@@ -67,6 +67,8 @@ def _paper_point(loss_set: str, generator: str | None = None) -> dict:
     point["counterexample"] = "none"
     if applies("cls_ramp", loss_set):  # the paper weighs every term alike from the first step
         point["cls_ramp"] = 0.0
+    if applies("mask_gate", loss_set):  # and its classifier pools the features uniformly
+        point["mask_gate"] = "none"
     return point
 
 

@@ -84,6 +84,11 @@ class TrialConfig:
                           "linearly from 0 to 1, step by step, so that the gaze terms shape the "
                           "network before the labels can teach it a shortcut; 0: weight 1 "
                           "from the first step", bounds=(0.0, 1e4))
+    mask_gate: str = key("none", "baseline/set3: the decoder's mask (trained towards the gaze, "
+                         "detached) gates the classifier: pool = the head averages the deepest "
+                         "features weighted by the mask; input = the encoder runs again on the "
+                         "image zeroed where the mask is under 0.1 of its range; none: off",
+                         choices=("none", "pool", "input"))
     seg_loss: str = key("cc", "loss of the decoder's mask: cc (1 - Pearson CC) or bce (BCE "
                         "with logits, the paper's)", choices=("cc", "bce"))
     gaze_target: str = key("heatmap", "gaze target of the losses: heatmap (as cached) or "

@@ -50,7 +50,7 @@ LOSS_SETS: dict[str, LossSet] = {s.name: s for s in (
     LossSet("baseline", "the decoder's mask is trained towards the gaze heatmap",
             terms=("mask_gaze",), uses_map=False, trains_through_map=False, uses_mask=True,
             decoder=True, input_gradient=None,
-            keys=("loss_weight", "seg_loss", "gaze_target", "cls_ramp")),
+            keys=("loss_weight", "seg_loss", "gaze_target", "cls_ramp", "mask_gate")),
     LossSet("set1", "the generator's map is trained towards the gaze heatmap",
             terms=("map_gaze",), uses_map=True, trains_through_map=True, uses_mask=False,
             decoder=True, input_gradient=None,
@@ -63,7 +63,7 @@ LOSS_SETS: dict[str, LossSet] = {s.name: s for s in (
             terms=("mask_gaze", "map_gaze"), uses_map=True, trains_through_map=True,
             uses_mask=True, decoder=True, input_gradient=None,
             keys=("generator", "r", "loss_weight", "seg_loss", "gaze_target", "map_outputs",
-                  "cls_ramp")),
+                  "cls_ramp", "mask_gate")),
     LossSet("rrr", "right for the right reasons: input-gradient energy outside the gaze",
             terms=("rrr",), uses_map=False, trains_through_map=False, uses_mask=False,
             decoder=True, input_gradient="map", keys=("rrr_lambda", "map_outputs", "cls_ramp")),
@@ -81,12 +81,14 @@ def applies(key: str, loss_set: str) -> bool:
     """Whether config `key` matters to the training of a `loss_set` trial.
 
     Every shared key does; a set-specific key (`SET_KEYS`: generator, r, loss_weight,
-    rrr_lambda, seg_loss, gaze_target, map_outputs, cls_ramp) only for the sets that list it: no
+    rrr_lambda, seg_loss, gaze_target, map_outputs, cls_ramp, mask_gate) only for the sets that
+    list it: no
     generator for classifier, baseline and rrr, `r` only for set3, `seg_loss` where a mask is
     trained (baseline, set2, set3), `gaze_target` where the gaze heatmap is a loss's target
     (baseline, set1, set3; rrr and rrr_abs only threshold it into a region), `map_outputs` where
     a map of chosen outputs is constrained (set1, set3, rrr; rrr_abs takes every output's),
-    `cls_ramp` wherever a term beside the classification's is trained (all but classifier).
+    `cls_ramp` wherever a term beside the classification's is trained (all but classifier),
+    `mask_gate` where the mask is trained towards the gaze (baseline, set3).
     (`generator` still names the map that `val/map/*` and the figures measure for every set.)
 
     Raises:

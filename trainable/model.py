@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from trainable.config import TrialConfig
 from trainable.errors import GazetuneError
-from trainable.loss_sets import LOSS_SETS
+from trainable.loss_sets import LOSS_SETS, applies
 from trainable.pretrained import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -54,6 +55,62 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, x):
         return self.classification_head(self.encoder(x)[-1])
+
+
+# The mask's region that `mask_gate=input` keeps: where the mask reaches this fraction of its
+# range, as the gaze region of rrr and of counterexamples is where the heatmap reaches 0.1 of
+# its maximum.
+GATE_REGION = 0.1
+
+
+class MaskGatedUnet(nn.Module):
+    """The U-Net whose classifier sees only what the decoder's mask marks (`mask_gate`).
+
+    The mask, trained towards the gaze heatmap, is scaled to [0, 1] per image (its min-max:
+    the CC mask loss leaves its offset and scale free) and gates the classifier:
+
+    - "pool": the head averages the encoder's deepest features weighted by the mask (resized
+      to them) instead of uniformly;
+    - "input": the encoder runs a second time, on the image set to zero where the mask is
+      under `GATE_REGION` of its range, and the head pools those features.
+
+    The gate is detached: only the gaze term shapes the mask, so the classification cannot
+    open it where a shortcut lies. The same submodules (and state-dict keys) as smp's U-Net.
+
+    Shape:
+        x [B, C, H, W] -> mask_logits [B, 1, H, W], logits [B, 3].
+    """
+
+    def __init__(self, unet: nn.Module, mode: str):
+        super().__init__()
+        if mode not in ("pool", "input"):
+            raise ValueError(f"mask gate {mode!r}: expected pool or input")
+        self.mode = mode
+        self.encoder = unet.encoder
+        self.decoder = unet.decoder
+        self.segmentation_head = unet.segmentation_head
+        self.classification_head = unet.classification_head
+
+    def forward(self, x):
+        features = self.encoder(x)
+        mask = self.segmentation_head(self.decoder(features))
+        gate = _unit_range(torch.sigmoid(mask.detach().float()))
+        if self.mode == "input":
+            region = (gate >= GATE_REGION).to(x.dtype)
+            return mask, self.classification_head(self.encoder(x * region)[-1])
+        deep = features[-1]
+        weight = F.adaptive_avg_pool2d(gate, deep.shape[-2:]).to(deep.dtype)
+        pooled = (deep * weight).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1e-6)
+        # smp's head with its pooling replaced by this weighted one.
+        _pool, _flatten, dropout, linear, activation = self.classification_head
+        return mask, activation(linear(dropout(pooled)))
+
+
+def _unit_range(m: torch.Tensor) -> torch.Tensor:
+    """Each image's map scaled to [0, 1] by its own minimum and maximum ([B, 1, H, W])."""
+    low = m.amin((2, 3), keepdim=True)
+    span = m.amax((2, 3), keepdim=True) - low
+    return (m - low) / span.clamp_min(1e-6)
 
 
 class WithInputTransform(nn.Module):
@@ -114,11 +171,12 @@ def build_model(cfg: TrialConfig, load_encoder_weights: bool = True) -> nn.Modul
     for module in unet.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = 0.1
-    net = (
-        unet
-        if LOSS_SETS[cfg.loss_set].decoder
-        else EncoderClassifier(unet.encoder, unet.classification_head)
-    )
+    if not LOSS_SETS[cfg.loss_set].decoder:
+        net = EncoderClassifier(unet.encoder, unet.classification_head)
+    elif applies("mask_gate", cfg.loss_set) and cfg.mask_gate != "none":
+        net = MaskGatedUnet(unet, cfg.mask_gate)
+    else:
+        net = unet
     return WithInputTransform(transform, net) if pretrained else net
 
 
