@@ -24,7 +24,7 @@ def load_benchmark():
 @pytest.mark.slow
 def test_reduced_benchmark_scores_both_selections_and_writes_the_table(tmp_path):
     bench = load_benchmark()
-    configs = ["ceiling", "classifier", "swap", "swap clean"]
+    configs = ["ceiling", "classifier", "swap", "swap clean", "gaze mask"]
     argv = ["--images", "300", "--size", "64", "--epochs", "3", "--seeds", "0",
             "--configs", *configs, "--work", str(tmp_path / "work"), "--out", str(tmp_path)]
     report = bench.main(argv)
@@ -53,6 +53,12 @@ def test_reduced_benchmark_scores_both_selections_and_writes_the_table(tmp_path)
         assert math.isfinite(rows[row]["clean_cost"])
         assert rows[row]["clean_counterpart"] == row.replace("swap", "swap clean")
     assert rows["swap clean"]["clean_cost"] is None  # a clean-release row is not a candidate
+    # The upper bound sees every image through one fixed gaze region that holds no marker
+    # pixel: the marker corners get no gradient, and pasting the marker changes nothing.
+    assert report["gaze_region"]["marker_share"] == 0 and 0 < report["gaze_region"]["area"] < 1
+    for row in ("gaze mask", "gaze mask@gaze"):
+        assert rows[row]["corner_share"] == 0 and abs(rows[row]["marker_pull"]) < 1e-6
+        assert rows[row]["clean_cost"] is None
     # Candidates: the shortcut rows but the reference (classifier@gaze, swap, swap@gaze).
     assert report["multiplicity"] == 3
 
