@@ -7,7 +7,8 @@ runs (`trial_runs`, `assert_complete_history`) and `reap_group` for a killed dri
 processes; `faulty_trial`, the trainable that injects faults into a search's trials (conftest's
 `faults` fixture sets it up); `study_in_mlflow`, a study logged without training, and the checks
 of what export and evaluate write (`assert_metric_shape`, `assert_png`, `identifiers`); the
-small models and images of the saliency tests (`METHODS`, `mixed_net`, `smp_unet`, `images`).
+small models and images of the saliency tests (`METHODS`, `mixed_net`, `smp_unet`, `images`);
+`paper_part`, a paper point without what only the extended space asks for.
 Product modules are imported inside the functions that use them, so that a module importing
 this one depends only on the product code it exercises. The fuzzing machinery is in fuzzing.py:
 its sandbox's child process imports that module and must not load torch, which this one imports.
@@ -357,3 +358,13 @@ def smp_unet(encoder: str = "efficientnet-b0") -> nn.Module:
 def images(batch=3, size=12, dtype=torch.float64, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 1, size, size, generator=g, dtype=dtype)
+
+
+# The keys a paper point sets (so that it fits the extended space) that the paper's space never
+# asks for.
+EXTENDED_ONLY = ("counterexample", "cls_ramp", "mask_gate")
+
+
+def paper_part(point: dict) -> dict:
+    """A paper point without what only the extended space asks for (`EXTENDED_ONLY`)."""
+    return {k: v for k, v in point.items() if k not in EXTENDED_ONLY}

@@ -2,6 +2,7 @@
 
 import optuna
 import pytest
+from helpers import paper_part
 
 import spaces
 from spaces import PAPER_POINTS, SPACES, get_space, sample
@@ -99,11 +100,6 @@ def test_paper_points_are_the_eight_configurations_and_fit_each_space(name):
             "classifier": (None, None), "baseline": ("bce", "reference"),
             "set1": (None, "reference"), "set2": ("bce", None), "set3": ("bce", "reference"),
         }[cfg.loss_set]
-
-
-def paper_part(point: dict) -> dict:
-    """A point without what only the extended space asks for."""
-    return {k: v for k, v in point.items() if k not in ("counterexample", "cls_ramp", "mask_gate")}
 
 
 def test_paper_points_are_queued_first_by_optuna():

@@ -82,11 +82,11 @@ def applies(key: str, loss_set: str) -> bool:
 
     Every shared key does; a set-specific key (`SET_KEYS`: generator, r, loss_weight,
     rrr_lambda, seg_loss, gaze_target, map_outputs, cls_ramp, mask_gate) only for the sets that
-    list it: no
-    generator for classifier, baseline and rrr, `r` only for set3, `seg_loss` where a mask is
-    trained (baseline, set2, set3), `gaze_target` where the gaze heatmap is a loss's target
-    (baseline, set1, set3; rrr and rrr_abs only threshold it into a region), `map_outputs` where
-    a map of chosen outputs is constrained (set1, set3, rrr; rrr_abs takes every output's),
+    list it: no generator for classifier, baseline and rrr, `r` only for set3, `seg_loss` where a
+    mask is trained (baseline, set2, set3), `gaze_target` where the gaze heatmap is a loss's
+    target (baseline, set1, set3; rrr and rrr_abs only threshold it into a region),
+    `map_outputs` where a map of chosen outputs is constrained (set1, set3, rrr; rrr_abs takes
+    every output's),
     `cls_ramp` wherever a term beside the classification's is trained (all but classifier),
     `mask_gate` where the mask is trained towards the gaze (baseline, set3).
     (`generator` still names the map that `val/map/*` and the figures measure for every set.)
