@@ -178,8 +178,8 @@ def build_releases(work: Path, args) -> dict[str, Path]:
     if not (np.array_equal(clean.labels, shortcut.labels)
             and np.array_equal(clean.split, shortcut.split)):
         raise RuntimeError(f"{caches['clean']} and {caches['shortcut']} differ in labels or split")
-    caches["masked"] = masked_release(caches["shortcut"], work / "cache"
-                                      / f"masked-{caches['shortcut'].name}")
+    caches["masked"] = masked_release(caches["shortcut"], gaze_region(shortcut),
+                                      work / "cache" / f"masked-{caches['shortcut'].name}")
     return caches
 
 
@@ -196,13 +196,12 @@ def gaze_region(cache) -> np.ndarray:
     return mean >= 0.1 * mean.max()
 
 
-def masked_release(shortcut: Path, target: Path) -> Path:
-    """The shortcut release's cache with every image zeroed outside `gaze_region`: the upper
-    bound's data. The same manifest and input hash; written atomically, rebuilt only when
-    missing."""
+def masked_release(shortcut: Path, region: np.ndarray, target: Path) -> Path:
+    """The shortcut release's cache with every image zeroed outside `region` (`gaze_region`):
+    the upper bound's data. The same manifest and input hash; written atomically, rebuilt only
+    when missing."""
     if not (target / "dataset.npz").is_file():
         target.mkdir(parents=True, exist_ok=True)
-        region = gaze_region(load_cache(shortcut))
         with np.load(shortcut / "dataset.npz", allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
         arrays["images"] = arrays["images"] * region.astype(arrays["images"].dtype)
